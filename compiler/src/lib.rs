@@ -1,0 +1,7 @@
+//! `edgec`: the Edge-LLM model compiler.
+//!
+//! Frontends read HF safetensors, GGUF and ONNX models into the IR (`edge_runtime::ir`);
+//! `eval` scores a model's perplexity with the runtime's executor.
+
+pub mod eval;
+pub mod frontend;
