@@ -5,9 +5,14 @@
 //! ([`sampling`]). It never depends on the compiler.
 
 pub mod error;
+pub mod exec;
 pub mod ir;
+pub mod kernels;
+pub mod ops;
+pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
 
 pub use error::{Result, RuntimeError};
+pub use exec::{Executor, Rows, Session, StepOutput};
 pub use tensor::{DType, Tensor};

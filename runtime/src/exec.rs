@@ -1,0 +1,216 @@
+//! The executor: interprets an IR graph, one step (a batch of new tokens of one sequence)
+//! at a time, with a KV cache per session.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::error::{Result, RuntimeError};
+use crate::ir::{Graph, Op, ValueId};
+use crate::kernels::linear;
+use crate::ops::activation::{add, swiglu};
+use crate::ops::attention::{AttnShape, KvSlot, attention};
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::RopeTable;
+
+/// Which rows (token positions of the step) the outputs after `OutputRows` keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rows {
+    All,
+    /// Only the last token (generation).
+    Last,
+    /// Rows `range` of the step (e.g. the scored half of a perplexity chunk).
+    Range(Range<usize>),
+}
+
+/// The state of one sequence: its KV cache and position.
+pub struct Session {
+    kv: Vec<KvSlot>,
+    rope: Vec<RopeTable>,
+    pos: usize,
+    capacity: usize,
+}
+
+impl Session {
+    /// Number of tokens already in the cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forgets the sequence (keeps the buffers).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+    /// Drops cached positions from `pos` on (e.g. to re-run a suffix).
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+}
+
+/// The result of one step.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Logits of the requested rows, `[rows.len(), vocab]`.
+    pub logits: Vec<f32>,
+    /// Which rows of the step the logits belong to.
+    pub rows: Range<usize>,
+    /// The requested values, in request order (`[rows, width]` each).
+    pub taps: Vec<Vec<f32>>,
+}
+
+/// Runs a verified graph.
+pub struct Executor {
+    graph: Arc<Graph>,
+    /// For each value, the index of the last node that reads it (to free it early).
+    last_use: Vec<usize>,
+}
+
+impl Executor {
+    pub fn new(graph: Arc<Graph>) -> Result<Self> {
+        graph.verify()?;
+        let mut last_use = vec![0; graph.values.len()];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            for v in &n.inputs {
+                last_use[v.0] = i;
+            }
+        }
+        last_use[graph.logits.0] = usize::MAX;
+        Ok(Executor { graph, last_use })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// A new empty session holding up to `capacity` positions.
+    pub fn session(&self, capacity: usize) -> Session {
+        let c = &self.graph.config;
+        let kvw = c.num_kv_heads * c.head_dim;
+        let mut rope: Vec<RopeTable> = vec![];
+        for n in &self.graph.nodes {
+            if let Op::Rope { theta, head_dim, .. } = n.op {
+                if !rope.iter().any(|r| r.theta == theta && r.head_dim == head_dim) {
+                    rope.push(RopeTable::new(theta, head_dim, capacity));
+                }
+            }
+        }
+        Session {
+            kv: (0..c.num_layers).map(|_| KvSlot::new(capacity, kvw)).collect(),
+            rope,
+            pos: 0,
+            capacity,
+        }
+    }
+
+    /// Feeds `tokens` (the next positions of the session's sequence) through the graph.
+    /// Returns the logits of `rows` and the values named in `taps`.
+    pub fn forward(&self, s: &mut Session, tokens: &[u32], rows: Rows, taps: &[ValueId]) -> Result<StepOutput> {
+        let g = &*self.graph;
+        let c = &g.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(RuntimeError::Invalid("forward: no tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(RuntimeError::BadToken { id: bad, vocab: c.vocab_size });
+        }
+        if s.pos + n > s.capacity {
+            return Err(RuntimeError::ContextOverflow { needed: s.pos + n, capacity: s.capacity });
+        }
+        let out_rows = match rows {
+            Rows::All => 0..n,
+            Rows::Last => n - 1..n,
+            Rows::Range(r) => {
+                if r.start >= r.end || r.end > n {
+                    return Err(RuntimeError::Invalid(format!("output rows {r:?} outside the step's {n} tokens")));
+                }
+                r
+            }
+        };
+        for t in taps {
+            if t.0 >= g.values.len() {
+                return Err(RuntimeError::Invalid(format!("tap value {} does not exist", t.0)));
+            }
+        }
+        let start = s.pos;
+        let mut vals: Vec<Option<Vec<f32>>> = vec![None; g.values.len()];
+        let mut nrows = vec![n; g.values.len()];
+        let mut kept: Vec<Option<Vec<f32>>> = vec![None; taps.len()];
+
+        for (idx, node) in g.nodes.iter().enumerate() {
+            let width = g.values[node.output.0].width;
+            let r_in = node.inputs.first().map(|v| nrows[v.0]).unwrap_or(n);
+            let get = |i: usize| vals[node.inputs[i].0].as_deref().expect("verified graph: input computed");
+            let (out, r_out) = match &node.op {
+                Op::Embedding { table } => {
+                    let t = &g.weight(*table).tensor;
+                    let mut o = vec![0.0; n * width];
+                    for (row, &tok) in o.chunks_exact_mut(width).zip(tokens) {
+                        t.read_f32(tok as usize * width, row);
+                    }
+                    (o, n)
+                }
+                Op::RmsNorm { weight, eps } => {
+                    let mut o = vec![0.0; r_in * width];
+                    rms_norm(get(0), &g.weight(*weight).tensor, *eps, &mut o);
+                    (o, r_in)
+                }
+                Op::Linear { weight } => {
+                    let mut o = vec![0.0; r_in * width];
+                    linear(get(0), r_in, &g.weight(*weight).tensor, &mut o);
+                    (o, r_in)
+                }
+                Op::Rope { heads, head_dim, theta } => {
+                    let mut o = get(0).to_vec();
+                    let table = s
+                        .rope
+                        .iter()
+                        .find(|r| r.theta == *theta && r.head_dim == *head_dim)
+                        .expect("session has a table for every Rope op");
+                    table.apply(&mut o, *heads, start);
+                    (o, r_in)
+                }
+                Op::Attention { heads, kv_heads, head_dim, layer } => {
+                    let mut o = vec![0.0; r_in * width];
+                    let shape = AttnShape { heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
+                    attention(shape, get(0), get(1), get(2), &mut s.kv[*layer], start, &mut o);
+                    (o, r_in)
+                }
+                Op::SwiGlu => {
+                    let mut o = vec![0.0; r_in * width];
+                    swiglu(get(0), get(1), &mut o);
+                    (o, r_in)
+                }
+                Op::Add => {
+                    let mut o = vec![0.0; r_in * width];
+                    add(get(0), get(1), &mut o);
+                    (o, r_in)
+                }
+                Op::OutputRows => {
+                    let x = get(0);
+                    (x[out_rows.start * width..out_rows.end * width].to_vec(), out_rows.len())
+                }
+            };
+            nrows[node.output.0] = r_out;
+            for (slot, t) in kept.iter_mut().zip(taps) {
+                if *t == node.output {
+                    *slot = Some(out.clone());
+                }
+            }
+            vals[node.output.0] = Some(out);
+            for v in &node.inputs {
+                if self.last_use[v.0] == idx {
+                    vals[v.0] = None;
+                }
+            }
+        }
+        s.pos += n;
+        let logits = vals[g.logits.0].take().expect("verified graph computes logits");
+        Ok(StepOutput {
+            logits,
+            rows: out_rows,
+            taps: kept.into_iter().map(|t| t.unwrap_or_default()).collect(),
+        })
+    }
+}

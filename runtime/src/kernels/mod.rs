@@ -1,0 +1,9 @@
+//! Kernels: the inner loops that touch weights. Dense products go through the `gemm`
+//! crate; vector dot products of a weight row with an activation are explicit SIMD
+//! (x86-64 AVX2/FMA/F16C) with a portable fallback. All `unsafe` of the numeric code
+//! lives in this module.
+
+pub mod dot;
+pub mod linear;
+
+pub use linear::linear;
