@@ -1,0 +1,108 @@
+//! `edgec generate`.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use clap::Args;
+use edge_runtime::sampling::{Sampler, Sampling};
+use edge_runtime::{Executor, Rows};
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: super::ModelArgs,
+    /// The prompt text.
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Number of tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print a JSON object (prompt and generated token ids, text, timings).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.top_p > 0.0 && a.top_p <= 1.0, "--top-p must be in (0, 1], got {}", a.top_p);
+    anyhow::ensure!(a.temperature >= 0.0, "--temperature must be >= 0, got {}", a.temperature);
+    let model = a.model.load()?;
+    let tok = super::tokenizer(&model, &a.model.model)?;
+    let exec = Executor::new(Arc::new(model.graph.clone()))?;
+    let prompt = tok.encode(&a.prompt)?;
+    anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
+    let mode = if a.temperature == 0.0 {
+        Sampling::Greedy
+    } else {
+        Sampling::TopP { temperature: a.temperature, top_p: a.top_p }
+    };
+    let mut sampler = Sampler::new(mode, a.seed);
+    let capacity = prompt.len() + a.max_tokens;
+    let mut session = exec.session(capacity);
+
+    let t0 = std::time::Instant::now();
+    let mut out = exec.forward(&mut session, &prompt, Rows::Last, &[])?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut generated = vec![];
+    let mut printed = String::new();
+    let t1 = std::time::Instant::now();
+    let stdout = std::io::stdout();
+    if !a.json {
+        print!("{}", a.prompt);
+    }
+    while generated.len() < a.max_tokens {
+        let next = sampler.sample(&out.logits);
+        generated.push(next);
+        if !a.json {
+            // Print the newly completed text (decoding the whole suffix keeps multi-byte
+            // characters split across tokens intact).
+            let text = tok.decode(&generated)?;
+            if text.len() > printed.len() && text.is_char_boundary(printed.len()) {
+                print!("{}", &text[printed.len()..]);
+                stdout.lock().flush().ok();
+                printed = text;
+            }
+        }
+        if !a.ignore_eos && tok.is_eos(next) {
+            break;
+        }
+        if generated.len() == a.max_tokens {
+            break;
+        }
+        out = exec.forward(&mut session, &[next], Rows::Last, &[])?;
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let decode_steps = generated.len().saturating_sub(1).max(1);
+    let tps = decode_steps as f64 / decode_s;
+    if a.json {
+        let v = serde_json::json!({
+            "prompt_tokens": prompt,
+            "tokens": generated,
+            "text": tok.decode(&generated)?,
+            "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
+            "decode_tokens_per_s": tps,
+        });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens at {:.1} tokens/s; {} generated at {:.1} tokens/s]",
+            prompt.len(),
+            prompt.len() as f64 / prefill_s,
+            generated.len(),
+            tps
+        );
+    }
+    Ok(())
+}

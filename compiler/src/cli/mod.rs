@@ -1,0 +1,137 @@
+//! Subcommands of `edgec`.
+
+mod bench;
+mod eval;
+mod generate;
+mod inspect;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgec::frontend::{self, LoadOptions, LoadedModel};
+
+#[derive(Parser)]
+#[command(name = "edgec", version, about = "Edge-LLM model compiler: read, inspect, evaluate and run LLaMA-family models")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's config, tensors, formats, parameter count and bytes.
+    Inspect(inspect::InspectArgs),
+    /// Perplexity of a model on a text (llama.cpp protocol) or on token sequences.
+    Eval(eval::EvalArgs),
+    /// Generate text from a prompt (greedy, or temperature + top-p with a seed).
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode speed (tokens/s) and peak memory.
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Element type to convert dense weights to after loading.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum WeightType {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Options shared by the commands that run a model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a HF safetensors directory, a .gguf file or a .onnx file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Convert the weights to this type after loading (default: keep the file's dense
+    /// types mapped as they are; packed GGUF types are dequantized to f32).
+    #[arg(long, value_enum)]
+    pub dtype: Option<WeightType>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        init_threads(self.threads)?;
+        let dtype = self.dtype.map(|d| match d {
+            WeightType::F32 => edge_runtime::DType::F32,
+            WeightType::F16 => edge_runtime::DType::F16,
+            WeightType::Bf16 => edge_runtime::DType::BF16,
+        });
+        load_model(&self.model, &LoadOptions { dtype })
+    }
+}
+
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    Ok(())
+}
+
+pub fn load_model(path: &Path, opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("loading {}", path.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let result = frontend::load(path, opts);
+    spinner.finish_and_clear();
+    Ok(result?)
+}
+
+/// Reads a text file that must be UTF-8; the error names the file and the byte offset.
+pub fn read_text(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte sequence at byte offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// The model's tokenizer, or an error saying the model carries none.
+pub fn tokenizer(model: &LoadedModel, path: &Path) -> anyhow::Result<edge_runtime::tokenizer::Tokenizer> {
+    model.tokenizer.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} carries no tokenizer (a safetensors directory needs tokenizer.json; ONNX models need --tokens)",
+            path.display()
+        )
+    })
+}
+
+/// Peak resident set size of this process in bytes (Linux: VmHWM), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
