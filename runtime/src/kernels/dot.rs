@@ -29,6 +29,17 @@ impl Row<'_> {
     }
 }
 
+/// Which dot-product implementation this CPU uses.
+pub fn simd_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::available() {
+            return "x86-64 AVX2+FMA+F16C";
+        }
+    }
+    "portable scalar"
+}
+
 /// `sum_i row[i] * x[i]`. Panics if the lengths differ (a caller bug, checked by the
 /// graph verifier upstream).
 #[inline]
