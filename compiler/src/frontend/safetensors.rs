@@ -140,7 +140,10 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
 }
 
 /// Reads `tokenizer.json` (and `tokenizer_config.json` for the BOS convention) if present.
-pub(crate) fn read_tokenizer(dir: &Path, config: &edge_runtime::ir::ModelConfig) -> Result<Option<Tokenizer>> {
+pub(crate) fn read_tokenizer(
+    dir: &Path,
+    config: &edge_runtime::ir::ModelConfig,
+) -> Result<Option<Tokenizer>> {
     let tj = dir.join("tokenizer.json");
     if !tj.exists() {
         return Ok(None);
