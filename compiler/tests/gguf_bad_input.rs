@@ -1,0 +1,237 @@
+//! Malformed GGUF input: every case must come back as an error that names the problem,
+//! never a panic. Damaged copies of real files are written to a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use edgec::frontend::gguf::{self, reader};
+use edgec::frontend::{LoadOptions, load};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn smollm2() -> PathBuf {
+    let out = Command::new(repo().join("scripts/fetch-model.sh"))
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn tiny() -> Vec<u8> {
+    std::fs::read(repo().join("tests/data/gguf/tiny-llama.f16.gguf")).unwrap()
+}
+
+/// Writes `bytes` to `dir/name` and returns the error of loading it.
+fn load_err(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    match gguf::load(&p) {
+        Ok(_) => panic!("{name}: loaded without error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Offset of the type field of tensor `name`'s header entry.
+fn type_field(bytes: &[u8], name: &str) -> usize {
+    let mut pat = (name.len() as u64).to_le_bytes().to_vec();
+    pat.extend_from_slice(name.as_bytes());
+    let at = bytes
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .unwrap_or_else(|| panic!("tensor {name} not found"));
+    let dims_at = at + pat.len();
+    let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+    dims_at + 4 + 8 * n_dims
+}
+
+#[test]
+fn bad_magic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny();
+    b[..4].copy_from_slice(b"GGML");
+    let e = load_err(dir.path(), "magic.gguf", &b);
+    assert!(e.contains("bad magic") && e.contains("GGML"), "{e}");
+    let e = load_err(dir.path(), "empty.gguf", b"");
+    assert!(e.contains("bad magic"), "{e}");
+    // The generic loader goes by the extension and reports the same.
+    let e = match load(&dir.path().join("magic.gguf"), &LoadOptions::default()) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("bad magic"), "{e}");
+}
+
+#[test]
+fn unknown_and_unsupported_tensor_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "blk.1.attn_v.weight";
+    let mut b = tiny();
+    let at = type_field(&b, name);
+    assert_eq!(
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap()),
+        1,
+        "f16 in the fixture"
+    );
+    b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let e = load_err(dir.path(), "type99.gguf", &b);
+    assert!(
+        e.contains(&format!("tensor `{name}`: unknown tensor type id 99")),
+        "{e}"
+    );
+
+    // iq4_nl (id 20) is a real ggml type this reader does not dequantize; its blocks of 32
+    // fit the 64-wide rows, and its data is smaller than the f16 it replaces.
+    b[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+    let e = load_err(dir.path(), "iq4nl.gguf", &b);
+    assert!(
+        e.contains(&format!(
+            "tensor `{name}` has type iq4_nl (id 20), which this reader cannot load"
+        )),
+        "{e}"
+    );
+
+    // q4_k needs rows that are multiples of 256.
+    b[at..at + 4].copy_from_slice(&12u32.to_le_bytes());
+    let e = load_err(dir.path(), "q4k.gguf", &b);
+    assert!(
+        e.contains("row length 64 is not a multiple of the q4_k block size 256"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tensor_data_out_of_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny();
+    let at = type_field(&b, "output_norm.weight") + 4;
+    b[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let e = load_err(dir.path(), "oob.gguf", &b);
+    assert!(
+        e.contains("out of bounds") && e.contains("`output_norm.weight`"),
+        "{e}"
+    );
+    b[at..at + 8].copy_from_slice(&(u64::MAX - 31).to_le_bytes());
+    let e = load_err(dir.path(), "oob2.gguf", &b);
+    assert!(
+        e.contains("out of bounds") && e.contains("`output_norm.weight`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny();
+    let pat = b"\x05\0\0\0\0\0\0\0llama";
+    let at = b.windows(pat.len()).position(|w| w == pat).unwrap() + 8;
+    b[at..at + 5].copy_from_slice(b"qwen2");
+    let e = load_err(dir.path(), "arch.gguf", &b);
+    assert!(
+        e.contains("unsupported model: architecture `qwen2` is not supported (only `llama`)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_copies_of_the_real_model() {
+    let full = std::fs::read(smollm2()).unwrap();
+    let data_offset = gguf::GgufFile::open(&smollm2()).unwrap().data_offset as usize;
+    assert_eq!(data_offset, 1_785_664);
+    let dir = tempfile::tempdir().unwrap();
+    let find = |pat: &[u8]| full.windows(pat.len()).position(|w| w == pat).unwrap();
+    let types_key = find(b"tokenizer.ggml.token_type");
+    let merges_key = find(b"tokenizer.ggml.merges");
+    let template_key = find(b"tokenizer.chat_template");
+    let cases: Vec<(usize, &str)> = vec![
+        (2, "bad magic"),
+        (6, "truncated header (version)"),
+        (20, "truncated header (metadata count)"),
+        (1000, "truncated or corrupt header: it claims 272 tensors"),
+        (
+            100_000,
+            "truncated or corrupt metadata (`tokenizer.ggml.tokens`): array of 49152 string elements",
+        ),
+        (
+            types_key - 5000,
+            "truncated metadata (`tokenizer.ggml.tokens`) element",
+        ),
+        (
+            merges_key - 5000,
+            "truncated or corrupt metadata (`tokenizer.ggml.token_type`): array of 49152 i32",
+        ),
+        (
+            template_key - 5000,
+            "truncated metadata (`tokenizer.ggml.merges`) element",
+        ),
+        (
+            template_key + 40,
+            "truncated metadata (`tokenizer.chat_template`)",
+        ),
+        (data_offset - 3000, "truncated tensor info (`blk."),
+        (data_offset + 100, "tensor `token_embd.weight`"),
+        (full.len() - 1, "tensor `output_norm.weight`"),
+    ];
+    for (cut, want) in cases {
+        let e = load_err(dir.path(), &format!("cut{cut}.gguf"), &full[..cut]);
+        eprintln!("cut at {cut}: {e}");
+        assert!(e.contains(want), "cut at {cut}: {e}");
+        if cut > data_offset {
+            assert!(e.contains("truncated tensor data"), "cut at {cut}: {e}");
+        }
+        std::fs::remove_file(dir.path().join(format!("cut{cut}.gguf"))).unwrap();
+    }
+}
+
+/// Random damage to the header of a real file never panics and never allocates without
+/// bound: every mutant parses or fails with an error.
+#[test]
+fn mutated_headers_never_panic() {
+    let original = tiny();
+    let data_offset = gguf::GgufFile::open(&repo().join("tests/data/gguf/tiny-llama.f16.gguf"))
+        .unwrap()
+        .data_offset as usize;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut ok, mut failed) = (0, 0);
+    let mut b = original.clone();
+    for _ in 0..3000 {
+        let mut touched = vec![];
+        for _ in 0..1 + next() % 4 {
+            let at = (next() as usize) % data_offset;
+            touched.push(at);
+            b[at] = match next() % 3 {
+                0 => next() as u8,
+                1 => 0xff,
+                _ => b[at] ^ (1 << (next() % 8)),
+            };
+        }
+        let cut = if next() % 4 == 0 {
+            (next() as usize) % b.len()
+        } else {
+            b.len()
+        };
+        match reader::parse_slice(&b[..cut], "mutant") {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                failed += 1;
+            }
+        }
+        for at in touched {
+            b[at] = original[at];
+        }
+    }
+    eprintln!("mutants: {ok} parsed, {failed} rejected");
+    assert!(failed > 100 && ok > 100, "{ok} parsed, {failed} rejected");
+}
