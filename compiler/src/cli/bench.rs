@@ -29,6 +29,12 @@ fn median(v: &mut [f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+impl BenchArgs {
+    pub fn threads(&self) -> Option<usize> {
+        self.model.threads
+    }
+}
+
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.reps > 0, "--reps must be at least 1");
     let model = a.model.load()?;
@@ -41,8 +47,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let pb = super::progress_bar((a.reps * 2 + 1) as u64, "bench");
     // Warm-up (page in the weights).
-    let mut s = exec.session(a.prompt_tokens.max(a.gen_tokens).max(1));
-    exec.forward(&mut s, &tokens[..a.prompt_tokens.min(16).max(1)], Rows::Last, &[])?;
+    let mut s = exec.session(a.prompt_tokens.max(a.gen_tokens).max(16));
+    let warm: Vec<u32> = (0..16u64).map(|i| (i * 7919 % vocab) as u32).collect();
+    exec.forward(&mut s, &warm, Rows::Last, &[])?;
     pb.inc(1);
     let mut pp = vec![];
     let mut tg = vec![];

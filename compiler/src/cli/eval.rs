@@ -35,6 +35,12 @@ pub struct EvalArgs {
     json: bool,
 }
 
+impl EvalArgs {
+    pub fn threads(&self) -> Option<usize> {
+        self.model.threads
+    }
+}
+
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let model = a.model.load()?;
     let exec = Executor::new(Arc::new(model.graph.clone()))?;

@@ -34,6 +34,12 @@ pub struct GenerateArgs {
     json: bool,
 }
 
+impl GenerateArgs {
+    pub fn threads(&self) -> Option<usize> {
+        self.model.threads
+    }
+}
+
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.top_p > 0.0 && a.top_p <= 1.0, "--top-p must be in (0, 1], got {}", a.top_p);
     anyhow::ensure!(a.temperature >= 0.0, "--temperature must be >= 0, got {}", a.temperature);

@@ -30,7 +30,27 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Runs the command inside a rayon pool of `--threads` workers (all cores by default), so
+/// the calling thread is itself a worker and parallel kernels never hand work across threads
+/// when one thread is asked for.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let threads = match &cli.command {
+        Command::Eval(a) => a.threads(),
+        Command::Generate(a) => a.threads(),
+        Command::Bench(a) => a.threads(),
+        Command::Inspect(_) => None,
+    };
+    if threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+        .context("creating the thread pool")?;
+    pool.install(|| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Eval(a) => eval::run(a),
@@ -64,7 +84,6 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        init_threads(self.threads)?;
         let dtype = self.dtype.map(|d| match d {
             WeightType::F32 => edge_runtime::DType::F32,
             WeightType::F16 => edge_runtime::DType::F16,
@@ -72,17 +91,6 @@ impl ModelArgs {
         });
         load_model(&self.model, &LoadOptions { dtype })
     }
-}
-
-pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    if let Some(n) = threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("configuring the thread pool")?;
-    }
-    Ok(())
 }
 
 pub fn load_model(path: &Path, opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
