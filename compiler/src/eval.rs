@@ -47,7 +47,11 @@ impl Accum {
         let n = self.count.max(1) as f64;
         let mean = self.sum / n;
         let var = (self.sum_sq / n - mean * mean).max(0.0);
-        let se_mean = if self.count > 1 { (var / (n - 1.0)).sqrt() } else { 0.0 };
+        let se_mean = if self.count > 1 {
+            (var / (n - 1.0)).sqrt()
+        } else {
+            0.0
+        };
         let ppl = mean.exp();
         Perplexity {
             loss: mean,
@@ -132,7 +136,10 @@ pub fn sequence_loss(
         }
         progress(i + 1, sequences.len());
     }
-    anyhow::ensure!(acc.count > 0, "no sequence has two or more tokens: nothing to score");
+    anyhow::ensure!(
+        acc.count > 0,
+        "no sequence has two or more tokens: nothing to score"
+    );
     Ok(acc.finish(sequences.len()))
 }
 

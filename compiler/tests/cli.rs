@@ -5,7 +5,10 @@ mod common;
 use std::process::{Command, Output};
 
 fn edgec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgec")).args(args).output().expect("run edgec")
+    Command::new(env!("CARGO_BIN_EXE_edgec"))
+        .args(args)
+        .output()
+        .expect("run edgec")
 }
 
 fn stderr(o: &Output) -> String {
@@ -16,7 +19,11 @@ fn stderr(o: &Output) -> String {
 fn assert_clean_failure(o: &Output, must_contain: &[&str]) {
     let e = stderr(o);
     assert!(!o.status.success(), "expected failure, got success; stderr: {e}");
-    assert_eq!(o.status.code(), Some(1), "expected exit code 1 (error), stderr: {e}");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit code 1 (error), stderr: {e}"
+    );
     assert!(!e.contains("panicked"), "panicked: {e}");
     for s in must_contain {
         assert!(e.contains(s), "stderr should mention `{s}`: {e}");
@@ -40,11 +47,23 @@ fn eval_tokens_reproduces_transformers_loss() {
     let tokens = dir.path().join("ids.txt");
     let lines: Vec<String> = ids
         .chunks(shape[1])
-        .map(|r| r.iter().map(|x| (*x as u32).to_string()).collect::<Vec<_>>().join(" "))
+        .map(|r| {
+            r.iter()
+                .map(|x| (*x as u32).to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
     std::fs::write(&tokens, lines.join("\n") + "\n").unwrap();
     let fixture = common::tiny_llama();
-    let o = edgec(&["eval", "--model", fixture.to_str().unwrap(), "--tokens", tokens.to_str().unwrap(), "--json"]);
+    let o = edgec(&[
+        "eval",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let loss = v["loss"].as_f64().unwrap();
@@ -92,7 +111,9 @@ fn non_llama_config_is_a_clear_error() {
     let dir = fixture_copy();
     let cfg = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text.replace("\"llama\"", "\"mistral\"").replace("LlamaForCausalLM", "MistralForCausalLM");
+    let text = text
+        .replace("\"llama\"", "\"mistral\"")
+        .replace("LlamaForCausalLM", "MistralForCausalLM");
     std::fs::write(&cfg, text).unwrap();
     let o = edgec(&["inspect", dir.path().to_str().unwrap()]);
     assert_clean_failure(&o, &["mistral", "not LLaMA"]);
@@ -102,7 +123,9 @@ fn non_llama_config_is_a_clear_error() {
 fn missing_tensor_is_named() {
     let dir = fixture_copy();
     let cfg = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 5");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 5");
     std::fs::write(&cfg, text).unwrap();
     let o = edgec(&["inspect", dir.path().to_str().unwrap()]);
     assert_clean_failure(&o, &["model.layers.4.input_layernorm.weight"]);
@@ -116,9 +139,21 @@ fn non_utf8_text_is_a_clear_error() {
     let ids = dir.path().join("ids.txt");
     std::fs::write(&ids, b"1 2 3\n\xff\xfe\n").unwrap();
     let fixture = common::tiny_llama();
-    let o = edgec(&["eval", "--model", fixture.to_str().unwrap(), "--tokens", ids.to_str().unwrap()]);
+    let o = edgec(&[
+        "eval",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--tokens",
+        ids.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &["not UTF-8", "byte offset 6"]);
-    let o = edgec(&["eval", "--model", fixture.to_str().unwrap(), "--text", text.to_str().unwrap()]);
+    let o = edgec(&[
+        "eval",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &["latin1.txt", "not UTF-8", "byte offset 3"]);
 }
 
@@ -128,7 +163,13 @@ fn bad_token_ids_are_a_clear_error() {
     let ids = dir.path().join("ids.txt");
     std::fs::write(&ids, "1 2 3\n4 999 5\n").unwrap();
     let fixture = common::tiny_llama();
-    let o = edgec(&["eval", "--model", fixture.to_str().unwrap(), "--tokens", ids.to_str().unwrap()]);
+    let o = edgec(&[
+        "eval",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--tokens",
+        ids.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, &["line 2", "999", "vocabulary"]);
 }
 

@@ -7,7 +7,10 @@ use edgec::frontend::{LoadOptions, load};
 #[test]
 fn logits_and_hidden_states_match_transformers() {
     let model = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
-    assert!(model.graph.weights.iter().all(|w| w.tensor.is_mapped()), "safetensors weights must be mapped, not copied");
+    assert!(
+        model.graph.weights.iter().all(|w| w.tensor.is_mapped()),
+        "safetensors weights must be mapped, not copied"
+    );
     common::check_against_transformers(&model);
 }
 
@@ -18,9 +21,13 @@ fn incremental_decoding_matches_full_prefill() {
     let exec = edge_runtime::Executor::new(Arc::new(model.graph)).unwrap();
     let tokens: Vec<u32> = (0..12).map(|i| (i * 37 % 256) as u32).collect();
     let mut s = exec.session(16);
-    let full = exec.forward(&mut s, &tokens, edge_runtime::Rows::All, &[]).unwrap();
+    let full = exec
+        .forward(&mut s, &tokens, edge_runtime::Rows::All, &[])
+        .unwrap();
     let mut s = exec.session(16);
-    let mut step = exec.forward(&mut s, &tokens[..5], edge_runtime::Rows::Last, &[]).unwrap();
+    let mut step = exec
+        .forward(&mut s, &tokens[..5], edge_runtime::Rows::Last, &[])
+        .unwrap();
     for (i, &t) in tokens.iter().enumerate().skip(5) {
         let v = 256;
         let d = common::max_abs_diff(&step.logits, &full.logits[(i - 1) * v..i * v]);
@@ -33,7 +40,15 @@ fn incremental_decoding_matches_full_prefill() {
 
 #[test]
 fn half_precision_weights_stay_close() {
-    let opts = LoadOptions { dtype: Some(edge_runtime::DType::BF16) };
+    let opts = LoadOptions {
+        dtype: Some(edge_runtime::DType::BF16),
+    };
     let model = load(&common::tiny_llama(), &opts).unwrap();
-    assert!(model.graph.weights.iter().all(|w| w.tensor.dtype == edge_runtime::DType::BF16));
+    assert!(
+        model
+            .graph
+            .weights
+            .iter()
+            .all(|w| w.tensor.dtype == edge_runtime::DType::BF16)
+    );
 }

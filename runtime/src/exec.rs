@@ -89,10 +89,10 @@ impl Executor {
         let kvw = c.num_kv_heads * c.head_dim;
         let mut rope: Vec<RopeTable> = vec![];
         for n in &self.graph.nodes {
-            if let Op::Rope { theta, head_dim, .. } = n.op {
-                if !rope.iter().any(|r| r.theta == theta && r.head_dim == head_dim) {
-                    rope.push(RopeTable::new(theta, head_dim, capacity));
-                }
+            if let Op::Rope { theta, head_dim, .. } = n.op
+                && !rope.iter().any(|r| r.theta == theta && r.head_dim == head_dim)
+            {
+                rope.push(RopeTable::new(theta, head_dim, capacity));
             }
         }
         Session {
@@ -105,7 +105,13 @@ impl Executor {
 
     /// Feeds `tokens` (the next positions of the session's sequence) through the graph.
     /// Returns the logits of `rows` and the values named in `taps`.
-    pub fn forward(&self, s: &mut Session, tokens: &[u32], rows: Rows, taps: &[ValueId]) -> Result<StepOutput> {
+    pub fn forward(
+        &self,
+        s: &mut Session,
+        tokens: &[u32],
+        rows: Rows,
+        taps: &[ValueId],
+    ) -> Result<StepOutput> {
         let g = &*self.graph;
         let c = &g.config;
         let n = tokens.len();
@@ -113,17 +119,25 @@ impl Executor {
             return Err(RuntimeError::Invalid("forward: no tokens".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(RuntimeError::BadToken { id: bad, vocab: c.vocab_size });
+            return Err(RuntimeError::BadToken {
+                id: bad,
+                vocab: c.vocab_size,
+            });
         }
         if s.pos + n > s.capacity {
-            return Err(RuntimeError::ContextOverflow { needed: s.pos + n, capacity: s.capacity });
+            return Err(RuntimeError::ContextOverflow {
+                needed: s.pos + n,
+                capacity: s.capacity,
+            });
         }
         let out_rows = match rows {
             Rows::All => 0..n,
             Rows::Last => n - 1..n,
             Rows::Range(r) => {
                 if r.start >= r.end || r.end > n {
-                    return Err(RuntimeError::Invalid(format!("output rows {r:?} outside the step's {n} tokens")));
+                    return Err(RuntimeError::Invalid(format!(
+                        "output rows {r:?} outside the step's {n} tokens"
+                    )));
                 }
                 r
             }
@@ -141,7 +155,11 @@ impl Executor {
         for (idx, node) in g.nodes.iter().enumerate() {
             let width = g.values[node.output.0].width;
             let r_in = node.inputs.first().map(|v| nrows[v.0]).unwrap_or(n);
-            let get = |i: usize| vals[node.inputs[i].0].as_deref().expect("verified graph: input computed");
+            let get = |i: usize| {
+                vals[node.inputs[i].0]
+                    .as_deref()
+                    .expect("verified graph: input computed")
+            };
             let (out, r_out) = match &node.op {
                 Op::Embedding { table } => {
                     let t = &g.weight(*table).tensor;
@@ -161,7 +179,11 @@ impl Executor {
                     linear(get(0), r_in, &g.weight(*weight).tensor, &mut o);
                     (o, r_in)
                 }
-                Op::Rope { heads, head_dim, theta } => {
+                Op::Rope {
+                    heads,
+                    head_dim,
+                    theta,
+                } => {
                     let mut o = get(0).to_vec();
                     let table = s
                         .rope
@@ -171,9 +193,18 @@ impl Executor {
                     table.apply(&mut o, *heads, start);
                     (o, r_in)
                 }
-                Op::Attention { heads, kv_heads, head_dim, layer } => {
+                Op::Attention {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    layer,
+                } => {
                     let mut o = vec![0.0; r_in * width];
-                    let shape = AttnShape { heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim };
+                    let shape = AttnShape {
+                        heads: *heads,
+                        kv_heads: *kv_heads,
+                        head_dim: *head_dim,
+                    };
                     attention(shape, get(0), get(1), get(2), &mut s.kv[*layer], start, &mut o);
                     (o, r_in)
                 }
@@ -189,7 +220,10 @@ impl Executor {
                 }
                 Op::OutputRows => {
                     let x = get(0);
-                    (x[out_rows.start * width..out_rows.end * width].to_vec(), out_rows.len())
+                    (
+                        x[out_rows.start * width..out_rows.end * width].to_vec(),
+                        out_rows.len(),
+                    )
                 }
             };
             nrows[node.output.0] = r_out;

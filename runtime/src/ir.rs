@@ -50,16 +50,20 @@ impl ModelConfig {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
+        if self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+            || self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps < 0.0
+        {
             return bad("rope_theta must be positive and rms_norm_eps non-negative".into());
         }
         Ok(())
@@ -183,16 +187,10 @@ pub mod names {
 
 impl Graph {
     pub fn value_id(&self, name: &str) -> Option<ValueId> {
-        self.values
-            .iter()
-            .position(|v| v.name == name)
-            .map(ValueId)
+        self.values.iter().position(|v| v.name == name).map(ValueId)
     }
     pub fn weight_id(&self, name: &str) -> Option<WeightId> {
-        self.weights
-            .iter()
-            .position(|w| w.name == name)
-            .map(WeightId)
+        self.weights.iter().position(|w| w.name == name).map(WeightId)
     }
     pub fn weight(&self, id: WeightId) -> &Weight {
         &self.weights[id.0]
@@ -263,39 +261,53 @@ impl Graph {
                 Op::Embedding { table } => {
                     let w = weight(*table)?;
                     if w.tensor.shape != [c.vocab_size, out_w] {
-                        return err(node, format!(
-                            "table `{}` has shape {:?}, expected [{}, {out_w}]",
-                            w.name, w.tensor.shape, c.vocab_size
-                        ));
+                        return err(
+                            node,
+                            format!(
+                                "table `{}` has shape {:?}, expected [{}, {out_w}]",
+                                w.name, w.tensor.shape, c.vocab_size
+                            ),
+                        );
                     }
                 }
                 Op::RmsNorm { weight: wid, .. } => {
                     let w = weight(*wid)?;
                     if w.tensor.shape != [in_w[0]] || out_w != in_w[0] {
-                        return err(node, format!(
-                            "weight `{}` has shape {:?} for width {}",
-                            w.name, w.tensor.shape, in_w[0]
-                        ));
+                        return err(
+                            node,
+                            format!(
+                                "weight `{}` has shape {:?} for width {}",
+                                w.name, w.tensor.shape, in_w[0]
+                            ),
+                        );
                     }
                 }
                 Op::Linear { weight: wid } => {
                     let w = weight(*wid)?;
                     if w.tensor.shape != [out_w, in_w[0]] {
-                        return err(node, format!(
-                            "weight `{}` has shape {:?}, expected [{out_w}, {}]",
-                            w.name, w.tensor.shape, in_w[0]
-                        ));
+                        return err(
+                            node,
+                            format!(
+                                "weight `{}` has shape {:?}, expected [{out_w}, {}]",
+                                w.name, w.tensor.shape, in_w[0]
+                            ),
+                        );
                     }
                 }
                 Op::Rope { heads, head_dim, .. } => {
                     if in_w[0] != heads * head_dim || out_w != in_w[0] || head_dim % 2 != 0 {
-                        return err(node, format!(
-                            "width {} does not match {heads} heads x {head_dim}",
-                            in_w[0]
-                        ));
+                        return err(
+                            node,
+                            format!("width {} does not match {heads} heads x {head_dim}", in_w[0]),
+                        );
                     }
                 }
-                Op::Attention { heads, kv_heads, head_dim, layer } => {
+                Op::Attention {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    layer,
+                } => {
                     if *kv_heads == 0 || heads % kv_heads != 0 {
                         return err(node, format!("{heads} heads over {kv_heads} kv heads"));
                     }
@@ -321,7 +333,9 @@ impl Graph {
             }
         }
         if self.logits.0 >= self.values.len() || !defined[self.logits.0] {
-            return Err(RuntimeError::InvalidGraph("the logits value is never computed".into()));
+            return Err(RuntimeError::InvalidGraph(
+                "the logits value is never computed".into(),
+            ));
         }
         if self.values[self.logits.0].width != c.vocab_size {
             return Err(RuntimeError::InvalidGraph(format!(
@@ -347,10 +361,19 @@ impl fmt::Display for Graph {
                     let w = &self.weights[weight.0];
                     format!("weight={} {:?} {}", w.name, w.tensor.shape, w.tensor.dtype)
                 }
-                Op::Rope { heads, head_dim, theta } => {
+                Op::Rope {
+                    heads,
+                    head_dim,
+                    theta,
+                } => {
                     format!("heads={heads} head_dim={head_dim} theta={theta}")
                 }
-                Op::Attention { heads, kv_heads, head_dim, layer } => {
+                Op::Attention {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    layer,
+                } => {
                     format!("heads={heads} kv_heads={kv_heads} head_dim={head_dim} cache={layer} causal")
                 }
                 _ => String::new(),

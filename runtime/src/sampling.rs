@@ -17,7 +17,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(mode: Sampling, seed: u64) -> Self {
-        Sampler { mode, rng: StdRng::seed_from_u64(seed) }
+        Sampler {
+            mode,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// Picks a token id from one row of logits.
@@ -83,9 +86,18 @@ mod tests {
     #[test]
     fn top_p_is_seeded_and_stays_in_the_nucleus() {
         let logits = [5.0, 4.9, -10.0, -10.0, 4.8];
-        let mode = Sampling::TopP { temperature: 1.0, top_p: 0.9 };
-        let a: Vec<u32> = { let mut s = Sampler::new(mode, 7); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(mode, 7); (0..50).map(|_| s.sample(&logits)).collect() };
+        let mode = Sampling::TopP {
+            temperature: 1.0,
+            top_p: 0.9,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(mode, 7);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(mode, 7);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().all(|&t| t == 0 || t == 1 || t == 4));
         assert!(a.iter().any(|&t| t != a[0]), "sampling should vary: {a:?}");

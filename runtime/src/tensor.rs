@@ -86,11 +86,7 @@ impl fmt::Debug for Tensor {
             "Tensor({} {:?}{})",
             self.dtype,
             self.shape,
-            if self.bytes.is_mapped() {
-                ", mapped"
-            } else {
-                ""
-            }
+            if self.bytes.is_mapped() { ", mapped" } else { "" }
         )
     }
 }
@@ -110,16 +106,12 @@ impl Tensor {
             )));
         }
         let bytes = match bytes {
-            Bytes::Mapped { .. } if bytes.as_slice().as_ptr() as usize % dtype.size() != 0 => {
+            Bytes::Mapped { .. } if !(bytes.as_slice().as_ptr() as usize).is_multiple_of(dtype.size()) => {
                 copy_owned(dtype, bytes.as_slice())
             }
             b => b,
         };
-        Ok(Tensor {
-            dtype,
-            shape,
-            bytes,
-        })
+        Ok(Tensor { dtype, shape, bytes })
     }
 
     pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor> {

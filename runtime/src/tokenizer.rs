@@ -30,11 +30,21 @@ impl std::fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     pub fn new(inner: tokenizers::Tokenizer, add_bos: bool, bos: Option<u32>, eos: Vec<u32>) -> Self {
-        Tokenizer { inner, add_bos, bos, eos }
+        Tokenizer {
+            inner,
+            add_bos,
+            bos,
+            eos,
+        }
     }
 
     /// Loads a Hugging Face `tokenizer.json`.
-    pub fn from_json_file(path: &std::path::Path, add_bos: bool, bos: Option<u32>, eos: Vec<u32>) -> Result<Self> {
+    pub fn from_json_file(
+        path: &std::path::Path,
+        add_bos: bool,
+        bos: Option<u32>,
+        eos: Vec<u32>,
+    ) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Tokenizer::new(inner, add_bos, bos, eos))
@@ -69,10 +79,10 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos {
-            if let Some(b) = self.bos {
-                ids.push(b);
-            }
+        if self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)

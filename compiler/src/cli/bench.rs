@@ -26,7 +26,11 @@ pub struct BenchArgs {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 impl BenchArgs {
@@ -74,10 +78,22 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let dtypes: std::collections::BTreeSet<String> =
-        exec.graph().weights.iter().map(|w| w.tensor.dtype.to_string()).collect();
-    let pp_m = if pp.is_empty() { None } else { Some(median(&mut pp)) };
-    let tg_m = if tg.is_empty() { None } else { Some(median(&mut tg)) };
+    let dtypes: std::collections::BTreeSet<String> = exec
+        .graph()
+        .weights
+        .iter()
+        .map(|w| w.tensor.dtype.to_string())
+        .collect();
+    let pp_m = if pp.is_empty() {
+        None
+    } else {
+        Some(median(&mut pp))
+    };
+    let tg_m = if tg.is_empty() {
+        None
+    } else {
+        Some(median(&mut tg))
+    };
     let rss = super::peak_rss_bytes();
     if a.json {
         let v = serde_json::json!({
@@ -103,7 +119,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             exec.graph().weight_bytes() as f64 / 1048576.0
         );
         if let Some(p) = pp_m {
-            println!("pp{:<5} {:>8.1} tokens/s (median of {})", a.prompt_tokens, p, a.reps);
+            println!(
+                "pp{:<5} {:>8.1} tokens/s (median of {})",
+                a.prompt_tokens, p, a.reps
+            );
         }
         if let Some(t) = tg_m {
             println!("tg{:<5} {:>8.1} tokens/s (median of {})", a.gen_tokens, t, a.reps);

@@ -8,13 +8,15 @@ use edge_runtime::Executor;
 use edgec::eval::{chunked_perplexity, parse_token_file, sequence_loss};
 
 #[derive(Args)]
-#[command(after_help = "PROTOCOLS\n  --text: llama.cpp's llama-perplexity protocol. The whole file is tokenized once \
+#[command(
+    after_help = "PROTOCOLS\n  --text: llama.cpp's llama-perplexity protocol. The whole file is tokenized once \
 (BOS prepended only if the vocabulary adds it) and cut into non-overlapping chunks of --ctx tokens; \
 the tail that does not fill a chunk is dropped. Each chunk is evaluated from an empty cache, its first \
 token replaced by BOS when the vocabulary adds BOS, and only the second half is scored: the logits at \
 positions ctx/2 .. ctx-2 predict tokens ctx/2+1 .. ctx-1 (ctx/2 - 1 tokens per chunk).\n  \
 --tokens: one sequence per line as space-separated token ids; every line is scored in full, the loss \
-being the mean next-token cross-entropy over all positions of all lines (transformers with labels = input_ids).")]
+being the mean next-token cross-entropy over all positions of all lines (transformers with labels = input_ids)."
+)]
 pub struct EvalArgs {
     #[command(flatten)]
     model: super::ModelArgs,
@@ -52,7 +54,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         let bos = if tok.add_bos { tok.bos } else { None };
         let n = edgec::eval::chunk_count(tokens.len(), a.ctx, a.chunks);
         let pb = super::progress_bar(n as u64, "perplexity");
-        let r = chunked_perplexity(&exec, &tokens, a.ctx, a.chunks, bos, |done, _| pb.set_position(done as u64));
+        let r = chunked_perplexity(&exec, &tokens, a.ctx, a.chunks, bos, |done, _| {
+            pb.set_position(done as u64)
+        });
         pb.finish_and_clear();
         r?
     } else {
@@ -69,7 +73,11 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&result)?;
         v["seconds"] = serde_json::json!(secs);
-        v["protocol"] = serde_json::json!(if a.text.is_some() { "llama.cpp-chunks" } else { "sequences" });
+        v["protocol"] = serde_json::json!(if a.text.is_some() {
+            "llama.cpp-chunks"
+        } else {
+            "sequences"
+        });
         v["ctx"] = serde_json::json!(a.ctx);
         println!("{}", serde_json::to_string(&v)?);
     } else {

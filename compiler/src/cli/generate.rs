@@ -41,8 +41,16 @@ impl GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.top_p > 0.0 && a.top_p <= 1.0, "--top-p must be in (0, 1], got {}", a.top_p);
-    anyhow::ensure!(a.temperature >= 0.0, "--temperature must be >= 0, got {}", a.temperature);
+    anyhow::ensure!(
+        a.top_p > 0.0 && a.top_p <= 1.0,
+        "--top-p must be in (0, 1], got {}",
+        a.top_p
+    );
+    anyhow::ensure!(
+        a.temperature >= 0.0,
+        "--temperature must be >= 0, got {}",
+        a.temperature
+    );
     let model = a.model.load()?;
     let tok = super::tokenizer(&model, &a.model.model)?;
     let exec = Executor::new(Arc::new(model.graph.clone()))?;
@@ -51,7 +59,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mode = if a.temperature == 0.0 {
         Sampling::Greedy
     } else {
-        Sampling::TopP { temperature: a.temperature, top_p: a.top_p }
+        Sampling::TopP {
+            temperature: a.temperature,
+            top_p: a.top_p,
+        }
     };
     let mut sampler = Sampler::new(mode, a.seed);
     let capacity = prompt.len() + a.max_tokens;

@@ -57,7 +57,13 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     println!("model      {} ({:?})", a.model.display(), m.format);
     println!(
         "config     llama: {} layers, hidden {}, ffn {}, heads {}/{} kv (head dim {}), vocab {}",
-        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.vocab_size
     );
     println!(
         "           rope theta {}, rms eps {:e}, max positions {}, tied embeddings {}",
@@ -73,7 +79,13 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         println!("  {t:<6} {n:>4} tensors {b:>12} bytes");
     }
     if let Some(t) = &m.tokenizer {
-        println!("tokenizer  vocab {}, add_bos {}, bos {:?}, eos {:?}", t.vocab_size(), t.add_bos, t.bos, t.eos);
+        println!(
+            "tokenizer  vocab {}, add_bos {}, bos {:?}, eos {:?}",
+            t.vocab_size(),
+            t.add_bos,
+            t.bos,
+            t.eos
+        );
     } else {
         println!("tokenizer  none");
     }

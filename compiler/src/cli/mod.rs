@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgec::frontend::{self, LoadOptions, LoadedModel};
 
 #[derive(Parser)]
-#[command(name = "edgec", version, about = "Edge-LLM model compiler: read, inspect, evaluate and run LLaMA-family models")]
+#[command(
+    name = "edgec",
+    version,
+    about = "Edge-LLM model compiler: read, inspect, evaluate and run LLaMA-family models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

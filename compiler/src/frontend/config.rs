@@ -24,9 +24,7 @@ pub fn parse_hf_config(text: &str, path: &str) -> Result<ModelConfig> {
         msg,
     };
     let v: Value = serde_json::from_str(text).map_err(|e| cfg_err(format!("not JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| cfg_err("not a JSON object".into()))?;
+    let obj = v.as_object().ok_or_else(|| cfg_err("not a JSON object".into()))?;
 
     let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("");
     let archs: Vec<&str> = obj
@@ -98,13 +96,13 @@ pub fn parse_hf_config(text: &str, path: &str) -> Result<ModelConfig> {
             });
         }
     }
-    if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
-        if act != "silu" {
-            return Err(FrontendError::Unsupported {
-                path: path.to_string(),
-                msg: format!("hidden_act `{act}` is not supported (only silu)"),
-            });
-        }
+    if let Some(act) = obj.get("hidden_act").and_then(Value::as_str)
+        && act != "silu"
+    {
+        return Err(FrontendError::Unsupported {
+            path: path.to_string(),
+            msg: format!("hidden_act `{act}` is not supported (only silu)"),
+        });
     }
 
     let eos_token_ids = match obj.get("eos_token_id") {
@@ -120,20 +118,14 @@ pub fn parse_hf_config(text: &str, path: &str) -> Result<ModelConfig> {
         num_heads,
         num_kv_heads,
         head_dim,
-        rms_norm_eps: obj
-            .get("rms_norm_eps")
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-6) as f32,
+        rms_norm_eps: obj.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
         rope_theta: rope_theta as f32,
         max_position_embeddings: opt_usize("max_position_embeddings").unwrap_or(2048),
         tie_word_embeddings: obj
             .get("tie_word_embeddings")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        bos_token_id: obj
-            .get("bos_token_id")
-            .and_then(Value::as_u64)
-            .map(|x| x as u32),
+        bos_token_id: obj.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
         eos_token_ids,
         add_bos_token: false,
     };

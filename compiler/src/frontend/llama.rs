@@ -115,7 +115,12 @@ pub fn build(config: ModelConfig, weights: HashMap<String, Tensor>, path: &str) 
         let wd = b.weight(&wd, &[d, f])?;
         let eps = c.rms_norm_eps;
 
-        let h = b.node(format!("{p}.attn_norm"), Op::RmsNorm { weight: ln1, eps }, &[x], d);
+        let h = b.node(
+            format!("{p}.attn_norm"),
+            Op::RmsNorm { weight: ln1, eps },
+            &[x],
+            d,
+        );
         let q = b.node(format!("{p}.q"), Op::Linear { weight: wq }, &[h], qd);
         let k = b.node(format!("{p}.k"), Op::Linear { weight: wk }, &[h], kvd);
         let v = b.node(format!("{p}.v"), Op::Linear { weight: wv }, &[h], kvd);
@@ -135,7 +140,12 @@ pub fn build(config: ModelConfig, weights: HashMap<String, Tensor>, path: &str) 
         let a = b.node(format!("{p}.attn"), attn, &[q, k, v], qd);
         let o = b.node(format!("{p}.o"), Op::Linear { weight: wo }, &[a], d);
         let x1 = b.node(format!("{p}.attn_res"), Op::Add, &[x, o], d);
-        let h2 = b.node(format!("{p}.mlp_norm"), Op::RmsNorm { weight: ln2, eps }, &[x1], d);
+        let h2 = b.node(
+            format!("{p}.mlp_norm"),
+            Op::RmsNorm { weight: ln2, eps },
+            &[x1],
+            d,
+        );
         let g = b.node(format!("{p}.gate"), Op::Linear { weight: wg }, &[h2], f);
         let u = b.node(format!("{p}.up"), Op::Linear { weight: wu }, &[h2], f);
         let s = b.node(format!("{p}.swiglu"), Op::SwiGlu, &[g, u], f);
@@ -145,7 +155,12 @@ pub fn build(config: ModelConfig, weights: HashMap<String, Tensor>, path: &str) 
     let x = b.node("output_rows".into(), Op::OutputRows, &[x], d);
     let norm = b.weight(FINAL_NORM, &[d])?;
     let eps = c.rms_norm_eps;
-    let x = b.node(names::FINAL_NORM.into(), Op::RmsNorm { weight: norm, eps }, &[x], d);
+    let x = b.node(
+        names::FINAL_NORM.into(),
+        Op::RmsNorm { weight: norm, eps },
+        &[x],
+        d,
+    );
     let head = if c.tie_word_embeddings || !b.source.contains_key(LM_HEAD) {
         if !c.tie_word_embeddings {
             return Err(FrontendError::MissingTensor {
@@ -157,7 +172,12 @@ pub fn build(config: ModelConfig, weights: HashMap<String, Tensor>, path: &str) 
     } else {
         b.weight(LM_HEAD, &[c.vocab_size, d])?
     };
-    let logits = b.node(names::LOGITS.into(), Op::Linear { weight: head }, &[x], c.vocab_size);
+    let logits = b.node(
+        names::LOGITS.into(),
+        Op::Linear { weight: head },
+        &[x],
+        c.vocab_size,
+    );
 
     let graph = Graph {
         config,

@@ -80,7 +80,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
                 use std::io::Read;
                 let n = std::fs::File::open(path)
                     .and_then(|mut f| f.read(&mut head))
-                    .map_err(|source| FrontendError::Io { path: p.clone(), source })?;
+                    .map_err(|source| FrontendError::Io {
+                        path: p.clone(),
+                        source,
+                    })?;
                 if n == 4 && &head == b"GGUF" {
                     gguf::load(path)?
                 } else {

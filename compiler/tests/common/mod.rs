@@ -9,7 +9,10 @@ use edge_runtime::ir::{ValueId, names};
 use edge_runtime::{Executor, Rows};
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn tiny_llama() -> PathBuf {
@@ -21,7 +24,11 @@ pub fn smollm2() -> PathBuf {
     let out = std::process::Command::new(repo().join("scripts/fetch-model.sh"))
         .output()
         .expect("run scripts/fetch-model.sh");
-    assert!(out.status.success(), "fetch-model.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
@@ -33,8 +40,16 @@ pub fn read_reference(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .into_iter()
         .map(|(name, v)| {
             let data: Vec<f32> = match v.dtype() {
-                safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-                safetensors::Dtype::I64 => v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                safetensors::Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect(),
                 d => panic!("unexpected dtype {d:?}"),
             };
             (name, (v.shape().to_vec(), data))
@@ -56,12 +71,22 @@ pub fn check_against_transformers(model: &edgec::frontend::LoadedModel) {
     let graph = Arc::new(model.graph.clone());
     let exec = Executor::new(graph.clone()).unwrap();
     let c = &graph.config;
-    let mut taps: Vec<(String, ValueId)> = vec![("hidden.0".into(), graph.value_id(names::EMBEDDINGS).unwrap())];
+    let mut taps: Vec<(String, ValueId)> =
+        vec![("hidden.0".into(), graph.value_id(names::EMBEDDINGS).unwrap())];
     for i in 0..c.num_layers - 1 {
-        taps.push((format!("hidden.{}", i + 1), graph.value_id(&names::layer_out(i)).unwrap()));
+        taps.push((
+            format!("hidden.{}", i + 1),
+            graph.value_id(&names::layer_out(i)).unwrap(),
+        ));
     }
-    taps.push((format!("hidden.{}", c.num_layers), graph.value_id(names::FINAL_NORM).unwrap()));
-    taps.push((format!("layer_out.{}", c.num_layers - 1), graph.value_id(&names::layer_out(c.num_layers - 1)).unwrap()));
+    taps.push((
+        format!("hidden.{}", c.num_layers),
+        graph.value_id(names::FINAL_NORM).unwrap(),
+    ));
+    taps.push((
+        format!("layer_out.{}", c.num_layers - 1),
+        graph.value_id(&names::layer_out(c.num_layers - 1)).unwrap(),
+    ));
     let tap_ids: Vec<ValueId> = taps.iter().map(|t| t.1).collect();
 
     let mut nll = 0.0f64;

@@ -193,7 +193,11 @@ mod tests {
             let hb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
             for row in [Row::F32(&w), Row::F16(&h16), Row::BF16(&hb)] {
                 let (a, b) = (dot(row, &x), dot_scalar(row, &x));
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "n={n} {:?}: {a} vs {b}", row.dtype());
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "n={n} {:?}: {a} vs {b}",
+                    row.dtype()
+                );
             }
         }
     }

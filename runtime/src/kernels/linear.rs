@@ -33,8 +33,18 @@ pub fn weight_row(w: &Tensor, j: usize, k: usize) -> Row<'_> {
 /// Computes `out[rows, n] = x[rows, k] W^T`. `w.shape` must be `[n, k]`.
 pub fn linear(x: &[f32], rows: usize, w: &Tensor, out: &mut [f32]) {
     let (n, k) = (w.shape[0], w.shape[1]);
-    assert_eq!(x.len(), rows * k, "linear: x has {} values, expected {rows}x{k}", x.len());
-    assert_eq!(out.len(), rows * n, "linear: out has {} values, expected {rows}x{n}", out.len());
+    assert_eq!(
+        x.len(),
+        rows * k,
+        "linear: x has {} values, expected {rows}x{k}",
+        x.len()
+    );
+    assert_eq!(
+        out.len(),
+        rows * n,
+        "linear: out has {} values, expected {rows}x{n}",
+        out.len()
+    );
     if rows == 0 || n == 0 {
         return;
     }
@@ -75,49 +85,51 @@ fn matmul_tiled(x: &[f32], rows: usize, w: &Tensor, n: usize, k: usize, out: &mu
     let tm = rows.div_ceil(want_m_tiles).max(MIN_TILE_M).min(rows);
     let m_tiles = rows.div_ceil(tm);
     let dst = OutPtr(out.as_mut_ptr());
-    (0..n_tiles * m_tiles).into_par_iter().for_each_init(Vec::<f32>::new, |scratch, t| {
-        let (jt, it) = (t / m_tiles, t % m_tiles);
-        let (j0, j1) = (jt * tn, ((jt + 1) * tn).min(n));
-        let (i0, i1) = (it * tm, ((it + 1) * tm).min(rows));
-        let nb = j1 - j0;
-        // The weight rows j0..j1 as f32, contiguous [nb, k].
-        let wf: &[f32] = match w.dtype {
-            DType::F32 => &w.f32s().unwrap()[j0 * k..j1 * k],
-            _ => {
-                scratch.resize(nb * k, 0.0);
-                w.read_f32(j0 * k, scratch);
-                scratch
+    (0..n_tiles * m_tiles)
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |scratch, t| {
+            let (jt, it) = (t / m_tiles, t % m_tiles);
+            let (j0, j1) = (jt * tn, ((jt + 1) * tn).min(n));
+            let (i0, i1) = (it * tm, ((it + 1) * tm).min(rows));
+            let nb = j1 - j0;
+            // The weight rows j0..j1 as f32, contiguous [nb, k].
+            let wf: &[f32] = match w.dtype {
+                DType::F32 => &w.f32s().unwrap()[j0 * k..j1 * k],
+                _ => {
+                    scratch.resize(nb * k, 0.0);
+                    w.read_f32(j0 * k, scratch);
+                    scratch
+                }
+            };
+            let xs = &x[i0 * k..i1 * k];
+            let d = dst;
+            // SAFETY: dst points to `out` of rows*n f32; this tile writes rows i0..i1, columns
+            // j0..j1 only (row stride n), which no other tile touches. lhs is xs [(i1-i0) x k]
+            // row-major; rhs(kk, j) = wf[j*k + kk] i.e. column stride k, row stride 1.
+            unsafe {
+                gemm::gemm(
+                    i1 - i0,
+                    nb,
+                    k,
+                    d.0.add(i0 * n + j0),
+                    1,
+                    n as isize,
+                    false,
+                    xs.as_ptr(),
+                    1,
+                    k as isize,
+                    wf.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-        };
-        let xs = &x[i0 * k..i1 * k];
-        let d = dst;
-        // SAFETY: dst points to `out` of rows*n f32; this tile writes rows i0..i1, columns
-        // j0..j1 only (row stride n), which no other tile touches. lhs is xs [(i1-i0) x k]
-        // row-major; rhs(kk, j) = wf[j*k + kk] i.e. column stride k, row stride 1.
-        unsafe {
-            gemm::gemm(
-                i1 - i0,
-                nb,
-                k,
-                d.0.add(i0 * n + j0),
-                1,
-                n as isize,
-                false,
-                xs.as_ptr(),
-                1,
-                k as isize,
-                wf.as_ptr(),
-                k as isize,
-                1,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+        });
 }
 
 #[cfg(test)]
@@ -128,7 +140,9 @@ mod tests {
         let mut o = vec![0.0; rows * n];
         for i in 0..rows {
             for j in 0..n {
-                o[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
+                o[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         o
@@ -136,8 +150,16 @@ mod tests {
 
     #[test]
     fn matches_reference_for_all_types_and_shapes() {
-        for &(rows, n, k) in &[(1, 5, 7), (2, 300, 64), (5, 17, 33), (70, 600, 96), (130, 64, 176)] {
-            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 31 % 67) as f32 - 33.0) / 40.0).collect();
+        for &(rows, n, k) in &[
+            (1, 5, 7),
+            (2, 300, 64),
+            (5, 17, 33),
+            (70, 600, 96),
+            (130, 64, 176),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 31 % 67) as f32 - 33.0) / 40.0)
+                .collect();
             let wv: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 89) as f32 - 44.0) / 50.0).collect();
             let w32 = Tensor::from_f32(vec![n, k], wv).unwrap();
             for dt in [DType::F32, DType::F16, DType::BF16] {
@@ -146,7 +168,10 @@ mod tests {
                 let mut got = vec![f32::NAN; rows * n];
                 linear(&x, rows, &w, &mut got);
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{rows}x{n}x{k} {dt}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{rows}x{n}x{k} {dt}: {a} vs {b}"
+                    );
                 }
             }
         }

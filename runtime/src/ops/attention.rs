@@ -40,7 +40,11 @@ pub fn attention(
     start: usize,
     out: &mut [f32],
 ) {
-    let AttnShape { heads, kv_heads, head_dim: hd } = shape;
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
     let (qw, kvw) = (heads * hd, kv_heads * hd);
     let rows = q.len() / qw;
     cache.k[start * kvw..(start + rows) * kvw].copy_from_slice(k);
@@ -171,7 +175,11 @@ mod tests {
     /// Prefill of n rows at once equals n single-row decode steps.
     #[test]
     fn prefill_equals_incremental_decode() {
-        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 8 };
+        let shape = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
         let (qw, kvw, n) = (32, 16, 6);
         let f = |i: usize, m: usize| ((i * m % 53) as f32 - 26.0) / 13.0;
         let q: Vec<f32> = (0..n * qw).map(|i| f(i, 7)).collect();

@@ -26,7 +26,12 @@ impl RopeTable {
                 sin.push(a.sin());
             }
         }
-        RopeTable { theta, head_dim, cos, sin }
+        RopeTable {
+            theta,
+            head_dim,
+            cos,
+            sin,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -39,7 +44,10 @@ impl RopeTable {
         let width = heads * d;
         for (r, row) in x.chunks_exact_mut(width).enumerate() {
             let p = start + r;
-            let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+            let (c, s) = (
+                &self.cos[p * half..(p + 1) * half],
+                &self.sin[p * half..(p + 1) * half],
+            );
             for h in row.chunks_exact_mut(d) {
                 let (a, b) = h.split_at_mut(half);
                 for i in 0..half {
