@@ -67,12 +67,10 @@ pub fn read_file(path: &Path) -> Result<(HashMap<String, Tensor>, Vec<SourceTens
             offset,
             len: data.len(),
         };
-        let t = Tensor::new(dtype, view.shape().to_vec(), bytes).map_err(|e| {
-            FrontendError::BadTensor {
-                path: p.clone(),
-                name: name.clone(),
-                msg: e.to_string(),
-            }
+        let t = Tensor::new(dtype, view.shape().to_vec(), bytes).map_err(|e| FrontendError::BadTensor {
+            path: p.clone(),
+            name: name.clone(),
+            msg: e.to_string(),
         })?;
         tensors.insert(name, t);
     }

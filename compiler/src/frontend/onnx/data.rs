@@ -277,8 +277,8 @@ impl<'a> Store<'a> {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let t = self.get(name)?;
-            let shape = dims(t)
-                .ok_or_else(|| self.bad(name, format!("negative dimension in {:?}", t.dims)))?;
+            let shape =
+                dims(t).ok_or_else(|| self.bad(name, format!("negative dimension in {:?}", t.dims)))?;
             let bytes = match byte_len(t) {
                 Some(n) => {
                     if is_external(t) {
@@ -370,12 +370,7 @@ impl<'a> Store<'a> {
 
     /// Resolves an external data reference: a file inside the model's directory, mapped,
     /// and a byte range within it of exactly `want` bytes.
-    fn external(
-        &mut self,
-        name: &str,
-        t: &TensorProto,
-        want: usize,
-    ) -> Result<(Arc<Mmap>, usize, usize)> {
+    fn external(&mut self, name: &str, t: &TensorProto, want: usize) -> Result<(Arc<Mmap>, usize, usize)> {
         let (mut location, mut offset, mut length) = (None, 0usize, None);
         for e in &t.external_data {
             let num = |v: &str| {
@@ -393,8 +388,7 @@ impl<'a> Store<'a> {
                 _ => {} // `checksum` and future keys do not change where the bytes are
             }
         }
-        let loc =
-            location.ok_or_else(|| self.bad(name, "external data without a `location`".into()))?;
+        let loc = location.ok_or_else(|| self.bad(name, "external data without a `location`".into()))?;
         let rel = Path::new(loc);
         let plain = !loc.is_empty()
             && rel
@@ -463,8 +457,7 @@ impl<'a> Store<'a> {
                 ),
             )
         })?;
-        let shape =
-            dims(t).ok_or_else(|| self.bad(name, format!("negative dimension in {:?}", t.dims)))?;
+        let shape = dims(t).ok_or_else(|| self.bad(name, format!("negative dimension in {:?}", t.dims)))?;
         let src = self.source(name, t)?;
         let bytes = match src {
             Source::Mapped { map, offset, len } if cfg!(target_endian = "little") => {
@@ -491,10 +484,7 @@ impl<'a> Store<'a> {
         let (rows, cols) = match dims(t).as_deref() {
             Some(&[r, c]) => (r, c),
             _ => {
-                return Err(self.bad(
-                    name,
-                    format!("expected a 2-D weight, dims are {:?}", t.dims),
-                ));
+                return Err(self.bad(name, format!("expected a 2-D weight, dims are {:?}", t.dims)));
             }
         };
         let src = self.source(name, t)?;

@@ -137,13 +137,7 @@ impl<'a> M<'_, 'a> {
     }
 
     /// The node producing `v` (identity casts stripped), which must be one of `ops`.
-    fn node_of(
-        &self,
-        v: &'a str,
-        consumer: &NodeProto,
-        ops: &[&str],
-        what: &str,
-    ) -> Result<&'a NodeProto> {
+    fn node_of(&self, v: &'a str, consumer: &NodeProto, ops: &[&str], what: &str) -> Result<&'a NodeProto> {
         let s = self.g.strip(v);
         match self.g.producer(s) {
             Some(n) if ops.contains(&n.op_type.as_str()) => Ok(n),
@@ -177,17 +171,13 @@ impl<'a> M<'_, 'a> {
         match self.g.init(w).and_then(dims) {
             Some(d) if d.len() == 2 => Ok((x, w)),
             Some(d) => Err(self.err(mm, format!("weight `{w}` has {} dims, expected 2", d.len()))),
-            None => Err(self.err(
-                mm,
-                format!("second input `{w}` is not a weight initializer"),
-            )),
+            None => Err(self.err(mm, format!("second input `{w}` is not a weight initializer"))),
         }
     }
 
     fn is_projection(&self, v: &str) -> Option<&'a NodeProto> {
         let n = self.g.producer(self.g.strip(v))?;
-        (n.op_type == "MatMul" && n.input.get(1).is_some_and(|w| self.g.init(w).is_some()))
-            .then_some(n)
+        (n.op_type == "MatMul" && n.input.get(1).is_some_and(|w| self.g.init(w).is_some())).then_some(n)
     }
 
     fn expect_perm(&self, n: &'a NodeProto, want: &[i64]) -> Result<()> {
@@ -286,12 +276,7 @@ impl<'a> M<'_, 'a> {
                     "the residual Add does not add the attention's normalized input to its output",
                 ));
             }
-            let dims_now = (
-                attn.inv_freq.clone(),
-                attn.head_dim,
-                attn.heads,
-                attn.kv_heads,
-            );
+            let dims_now = (attn.inv_freq.clone(), attn.head_dim, attn.heads, attn.kv_heads);
             if rope.as_ref().is_some_and(|prev| *prev != dims_now) {
                 return Err(self.err(
                     o_mm,
@@ -337,18 +322,13 @@ impl<'a> M<'_, 'a> {
             }
         }
         let Some((inv_freq, head_dim, num_heads, num_kv_heads)) = rope else {
-            return Err(self.err(
-                lm,
-                "no decoder layer between the embedding and the final norm",
-            ));
+            return Err(self.err(lm, "no decoder layer between the embedding and the final norm"));
         };
         let eps = final_norm.eps;
         if let Some((e, node)) = norms_eps.iter().find(|(e, _)| e.to_bits() != eps.to_bits()) {
             return Err(self.err(
                 node,
-                format!(
-                    "RMSNorm eps {e:e} differs from the final norm's {eps:e}; the IR uses one eps"
-                ),
+                format!("RMSNorm eps {e:e} differs from the final norm's {eps:e}; the IR uses one eps"),
             ));
         }
         tracing::debug!(
@@ -384,10 +364,7 @@ impl<'a> M<'_, 'a> {
             _ => return Err(self.err(n, format!("`{table}` is not a 2-D embedding initializer"))),
         }
         if !self.g.is_input(self.g.strip(ids)) {
-            return Err(self.err(
-                n,
-                format!("indices `{ids}` are not the graph's token-id input"),
-            ));
+            return Err(self.err(n, format!("indices `{ids}` are not the graph's token-id input")));
         }
         Ok(table)
     }
@@ -420,10 +397,7 @@ impl<'a> M<'_, 'a> {
         } else if self.g.init(b).is_some() {
             (b, a)
         } else {
-            return Err(self.err(
-                mul,
-                "expected one input to be the RMSNorm weight initializer",
-            ));
+            return Err(self.err(mul, "expected one input to be the RMSNorm weight initializer"));
         };
         match self.g.init(w).and_then(dims) {
             Some(d) if d.len() == 1 => {}
@@ -460,10 +434,7 @@ impl<'a> M<'_, 'a> {
             _ => return Err(self.err(add, "expected mean(x^2) + a scalar eps constant")),
         };
         if !(eps >= 0.0 && eps.is_finite()) {
-            return Err(self.err(
-                add,
-                format!("RMSNorm eps {eps} is not a non-negative number"),
-            ));
+            return Err(self.err(add, format!("RMSNorm eps {eps} is not a non-negative number")));
         }
         let rm = self.node_of(mean, add, &["ReduceMean"], "mean(x^2) over the last axis")?;
         self.expect_axes(rm, &[&[-1], &[2]])?;
@@ -513,10 +484,7 @@ impl<'a> M<'_, 'a> {
                 return Err(match culprit {
                     Some(n) => self.err(
                         n,
-                        format!(
-                            "expected Sigmoid(gate) of the SiLU in `{}`",
-                            node_label(act)
-                        ),
+                        format!("expected Sigmoid(gate) of the SiLU in `{}`", node_label(act)),
                     ),
                     None => self.err(act, "expected gate * Sigmoid(gate) (SiLU)"),
                 });
@@ -552,12 +520,7 @@ impl<'a> M<'_, 'a> {
     /// with q, k, v projections of one RMSNorm output.
     fn attention(&self, o_mm: &'a NodeProto) -> Result<Attn<'a>> {
         let (merged, wo) = self.projection(o_mm)?;
-        let merge = self.node_of(
-            merged,
-            o_mm,
-            &["Reshape"],
-            "the merge of the attention heads",
-        )?;
+        let merge = self.node_of(merged, o_mm, &["Reshape"], "the merge of the attention heads")?;
         let merge_shape = self.input(merge, 1)?;
         self.g.check_plumbing(merge_shape, merge)?;
         let merge_last = self.shape_last(merge_shape);
@@ -577,17 +540,9 @@ impl<'a> M<'_, 'a> {
         )?;
         let axis = attr_int(sm, "axis").unwrap_or(-1);
         if axis != -1 && axis != 3 {
-            return Err(self.err(
-                sm,
-                format!("softmax over axis {axis}, expected the last axis"),
-            ));
+            return Err(self.err(sm, format!("softmax over axis {axis}, expected the last axis")));
         }
-        let add = self.node_of(
-            self.input(sm, 0)?,
-            sm,
-            &["Add"],
-            "scaled scores + causal mask",
-        )?;
+        let add = self.node_of(self.input(sm, 0)?, sm, &["Add"], "scaled scores + causal mask")?;
         let (a, b) = (self.input(add, 0)?, self.input(add, 1)?);
         let is_scaled = |v: &str| {
             self.g.producer(self.g.strip(v)).is_some_and(|n| {
@@ -650,20 +605,14 @@ impl<'a> M<'_, 'a> {
                 &[_, out] if out % head_dim == 0 && out > 0 => Ok(out / head_dim),
                 _ => Err(self.err(
                     p.matmul,
-                    format!(
-                        "weight `{}` dims {d:?} are not [in, heads x {head_dim}]",
-                        p.w
-                    ),
+                    format!("weight `{}` dims {d:?} are not [in, heads x {head_dim}]", p.w),
                 )),
             }
         };
         let heads = width(&q)?;
         let kv_heads = width(&k)?;
         if width(&v)? != kv_heads {
-            return Err(self.err(
-                v.matmul,
-                "v projection width differs from k projection width",
-            ));
+            return Err(self.err(v.matmul, "v projection width differs from k projection width"));
         }
         if heads % kv_heads != 0 {
             return Err(self.err(
@@ -715,12 +664,7 @@ impl<'a> M<'_, 'a> {
 
     /// `Transpose(Reshape(MatMul(h, W), [b, s, -1, head]), [0, 2, 1, 3])`.
     fn heads_in(&self, v: &'a str, consumer: &'a NodeProto) -> Result<HeadsIn<'a>> {
-        let tr = self.node_of(
-            v,
-            consumer,
-            &["Transpose"],
-            "the sequence-to-heads transpose",
-        )?;
+        let tr = self.node_of(v, consumer, &["Transpose"], "the sequence-to-heads transpose")?;
         self.expect_perm(tr, &[0, 2, 1, 3])?;
         let rs = self.node_of(self.input(tr, 0)?, tr, &["Reshape"], "the split into heads")?;
         let shape = self.input(rs, 1)?;
@@ -759,12 +703,7 @@ impl<'a> M<'_, 'a> {
         };
         let target = self.input(rs, 1)?;
         self.g.check_plumbing(target, rs)?;
-        let ex = self.node_of(
-            self.input(rs, 0)?,
-            rs,
-            &["Expand"],
-            "the GQA repeat (expand)",
-        )?;
+        let ex = self.node_of(self.input(rs, 0)?, rs, &["Expand"], "the GQA repeat (expand)")?;
         let ex_shape = self.input(ex, 1)?;
         self.g.check_plumbing(ex_shape, ex)?;
         let un = self.node_of(
@@ -774,12 +713,9 @@ impl<'a> M<'_, 'a> {
             "the GQA repeat (unsqueeze)",
         )?;
         self.expect_axes(un, &[&[2]])?;
-        let factor = self.expand_factor(ex_shape).ok_or_else(|| {
-            self.err(
-                ex,
-                "cannot read the GQA repeat factor from the Expand shape",
-            )
-        })?;
+        let factor = self
+            .expand_factor(ex_shape)
+            .ok_or_else(|| self.err(ex, "cannot read the GQA repeat factor from the Expand shape"))?;
         Ok((self.input(un, 0)?, Some(factor)))
     }
 
@@ -808,18 +744,8 @@ impl<'a> M<'_, 'a> {
     /// RoPE in the rotate-half layout: `x * cos + cat(-x[..., h:], x[..., :h]) * sin`.
     fn rope(&self, v: &'a str, consumer: &'a NodeProto) -> Result<Rope<'a>> {
         let add = self.node_of(v, consumer, &["Add"], "RoPE x*cos + rotate_half(x)*sin")?;
-        let ma = self.node_of(
-            self.input(add, 0)?,
-            add,
-            &["Mul"],
-            "x*cos or rotate_half(x)*sin",
-        )?;
-        let mb = self.node_of(
-            self.input(add, 1)?,
-            add,
-            &["Mul"],
-            "x*cos or rotate_half(x)*sin",
-        )?;
+        let ma = self.node_of(self.input(add, 0)?, add, &["Mul"], "x*cos or rotate_half(x)*sin")?;
+        let mb = self.node_of(self.input(add, 1)?, add, &["Mul"], "x*cos or rotate_half(x)*sin")?;
         let rot_idx = |m: &'a NodeProto| -> Option<usize> {
             (0..2).find(|&i| {
                 m.input
@@ -833,12 +759,7 @@ impl<'a> M<'_, 'a> {
             _ => return Err(self.err(add, "expected x*cos + rotate_half(x)*sin")),
         };
         let sin_v = self.input(sin_mul, 1 - ri)?;
-        let cat = self.node_of(
-            self.input(sin_mul, ri)?,
-            sin_mul,
-            &["Concat"],
-            "rotate_half(x)",
-        )?;
+        let cat = self.node_of(self.input(sin_mul, ri)?, sin_mul, &["Concat"], "rotate_half(x)")?;
         if cat.input.len() != 2 || !matches!(attr_int(cat, "axis"), Some(-1 | 3)) {
             return Err(self.err(
                 cat,
@@ -924,12 +845,7 @@ impl<'a> M<'_, 'a> {
     /// A Slice bound: a one-element constant, or `x.shape[-1] // 2` (through
     /// Unsqueeze/Cast).
     fn bound(&self, v: &'a str, slice: &'a NodeProto, x: &'a str) -> Result<Bound> {
-        let fail = || {
-            self.err(
-                slice,
-                format!("cannot verify the rotate_half split point `{v}`"),
-            )
-        };
+        let fail = || self.err(slice, format!("cannot verify the rotate_half split point `{v}`"));
         let mut v = v;
         for _ in 0..16 {
             if let Some(c) = self.g.constant(v) {
@@ -974,11 +890,7 @@ impl<'a> M<'_, 'a> {
                                 && sh.attribute.is_empty()
                                 && sh.input.first().is_some_and(|y| self.g.strip(y) == x)
                         });
-                    return if ok {
-                        Ok(Bound::HalfOfLastDim)
-                    } else {
-                        Err(fail())
-                    };
+                    return if ok { Ok(Bound::HalfOfLastDim) } else { Err(fail()) };
                 }
                 _ => return Err(fail()),
             }
@@ -988,19 +900,11 @@ impl<'a> M<'_, 'a> {
 
     /// The cos and sin tables: `Unsqueeze(Cos(cat(f, f)) * 1.0, [1])` (resp. Sin) with
     /// `f = positions * inv_freq`. Returns the inverse frequencies.
-    fn rope_tables(
-        &self,
-        cos_v: &'a str,
-        sin_v: &'a str,
-        consumer: &'a NodeProto,
-    ) -> Result<Vec<f64>> {
+    fn rope_tables(&self, cos_v: &'a str, sin_v: &'a str, consumer: &'a NodeProto) -> Result<Vec<f64>> {
         let (emb_c, uc) = self.table(cos_v, "Cos", consumer)?;
         let (emb_s, _) = self.table(sin_v, "Sin", consumer)?;
         if self.g.strip(emb_c) != self.g.strip(emb_s) {
-            return Err(self.err(
-                consumer,
-                "cos and sin tables are computed from different angles",
-            ));
+            return Err(self.err(consumer, "cos and sin tables are computed from different angles"));
         }
         let cat = self.node_of(emb_c, uc, &["Concat"], "cat(freqs, freqs)")?;
         if cat.input.len() != 2
@@ -1021,10 +925,7 @@ impl<'a> M<'_, 'a> {
         };
         let (rank, seq_axis) = self.positions(pos, f)?;
         if rank < 2 || seq_axis != rank - 2 {
-            return Err(self.err(
-                f,
-                "positions must be laid out [.., seq, 1] against inv_freq",
-            ));
+            return Err(self.err(f, "positions must be laid out [.., seq, 1] against inv_freq"));
         }
         let n = inv.len();
         if n == 0 || inv.dims.last().copied() != Some(n as i64) {
@@ -1040,21 +941,13 @@ impl<'a> M<'_, 'a> {
         // [b, 1, seq, head_dim] to broadcast over heads.
         let (r2, s2) = unsqueezed(rank, seq_axis, &[1]);
         if r2 != 4 || s2 != 2 {
-            return Err(self.err(
-                uc,
-                "cos/sin tables do not broadcast as [batch, 1, seq, head_dim]",
-            ));
+            return Err(self.err(uc, "cos/sin tables do not broadcast as [batch, 1, seq, head_dim]"));
         }
         Ok(inv.floats())
     }
 
     /// `Unsqueeze([Mul(]op(emb)[, 1.0)], [1])`: returns `emb` and the Unsqueeze.
-    fn table(
-        &self,
-        v: &'a str,
-        op: &str,
-        consumer: &'a NodeProto,
-    ) -> Result<(&'a str, &'a NodeProto)> {
+    fn table(&self, v: &'a str, op: &str, consumer: &'a NodeProto) -> Result<(&'a str, &'a NodeProto)> {
         let un = self.node_of(
             v,
             consumer,
@@ -1062,12 +955,7 @@ impl<'a> M<'_, 'a> {
             "the cos/sin table broadcast over heads",
         )?;
         self.expect_axes(un, &[&[1]])?;
-        let mut t = self.node_of(
-            self.input(un, 0)?,
-            un,
-            &["Mul", op],
-            &format!("the {op} table"),
-        )?;
+        let mut t = self.node_of(self.input(un, 0)?, un, &["Mul", op], &format!("the {op} table"))?;
         if t.op_type == "Mul" {
             let (a, b) = (self.input(t, 0)?, self.input(t, 1)?);
             let (x, s) = match (self.scalar(a), self.scalar(b)) {
@@ -1078,7 +966,9 @@ impl<'a> M<'_, 'a> {
             if s != 1.0 {
                 return Err(self.err(
                     t,
-                    format!("RoPE attention scaling {s} (only the default RoPE with scaling 1.0 is supported)"),
+                    format!(
+                        "RoPE attention scaling {s} (only the default RoPE with scaling 1.0 is supported)"
+                    ),
                 ));
             }
             t = self.node_of(x, t, &[op], &format!("{op}(angles)"))?;
@@ -1116,8 +1006,7 @@ impl<'a> M<'_, 'a> {
                 }
             }
         };
-        if self.scalar(self.input(range, 0)?) != Some(0.0)
-            || self.scalar(self.input(range, 2)?) != Some(1.0)
+        if self.scalar(self.input(range, 0)?) != Some(0.0) || self.scalar(self.input(range, 2)?) != Some(1.0)
         {
             return Err(self.err(range, "positions must start at 0 with step 1"));
         }
@@ -1143,7 +1032,9 @@ impl<'a> M<'_, 'a> {
         if keep != Some(0.0) || !fill.is_some_and(|f| f <= -1e30) {
             return Err(self.err(
                 w,
-                format!("mask values {keep:?} / {fill:?}, expected 0 where attending and a very negative fill"),
+                format!(
+                    "mask values {keep:?} / {fill:?}, expected 0 where attending and a very negative fill"
+                ),
             ));
         }
         let mut c = self.g.strip(self.input(w, 0)?);

@@ -155,7 +155,10 @@ impl<'a> OnnxGraph<'a> {
             if let Some(a) = n.attribute.iter().find(|a| !a.ref_attr_name.is_empty()) {
                 return Err(g.node_err(
                     n,
-                    format!("attribute `{}` refers to a function attribute; functions are not supported", a.name),
+                    format!(
+                        "attribute `{}` refers to a function attribute; functions are not supported",
+                        a.name
+                    ),
                 ));
             }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
@@ -203,8 +206,7 @@ impl<'a> OnnxGraph<'a> {
                 Some(n)
                     if (n.op_type == "Identity"
                         || (n.op_type == "Cast"
-                            && attr_int(n, "to")
-                                .is_some_and(|t| FLOAT_TYPES.contains(&(t as i32)))))
+                            && attr_int(n, "to").is_some_and(|t| FLOAT_TYPES.contains(&(t as i32)))))
                         && !n.input.is_empty() =>
                 {
                     v = &n.input[0];

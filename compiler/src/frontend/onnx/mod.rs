@@ -128,9 +128,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         )
     };
     if matches!(found.head, Head::Embedding(_)) && !config.tie_word_embeddings {
-        tracing::warn!(
-            "{p}: the LM head is the transposed embedding; treating the embeddings as tied"
-        );
+        tracing::warn!("{p}: the LM head is the transposed embedding; treating the embeddings as tied");
         config.tie_word_embeddings = true;
     }
     if config.tie_word_embeddings {
@@ -144,10 +142,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 
     let mut metadata = vec![
         ("producer_name".to_string(), model.producer_name.clone()),
-        (
-            "producer_version".to_string(),
-            model.producer_version.clone(),
-        ),
+        ("producer_version".to_string(), model.producer_version.clone()),
         ("ir_version".to_string(), model.ir_version.to_string()),
         ("opset".to_string(), opset.to_string()),
         ("nodes".to_string(), graph_proto.node.len().to_string()),
@@ -366,11 +361,7 @@ mod tests {
     #[test]
     fn infers_round_theta_from_f32_tables() {
         for (theta, d) in [(10000.0, 16), (500000.0, 128), (1e6, 64), (5000.0, 4)] {
-            assert_eq!(
-                infer_theta(&inv_freq(theta, d), d),
-                Some(theta),
-                "{theta} {d}"
-            );
+            assert_eq!(infer_theta(&inv_freq(theta, d), d), Some(theta), "{theta} {d}");
         }
         // Not geometric: no theta.
         assert_eq!(infer_theta(&[1.0, 0.5, 0.1], 6), None);
