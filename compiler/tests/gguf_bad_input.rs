@@ -235,3 +235,81 @@ fn mutated_headers_never_panic() {
     eprintln!("mutants: {ok} parsed, {failed} rejected");
     assert!(failed > 100 && ok > 100, "{ok} parsed, {failed} rejected");
 }
+
+/// A GGUF with string / string-array metadata only (no tensors).
+fn gguf_with(kvs: &[(&str, Vec<&str>)]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend_from_slice(&(x.len() as u64).to_le_bytes());
+        b.extend_from_slice(x.as_bytes());
+    };
+    for (k, v) in kvs {
+        s(&mut b, k);
+        if k.ends_with(".tokens") || k.ends_with(".merges") {
+            b.extend_from_slice(&9u32.to_le_bytes());
+            b.extend_from_slice(&8u32.to_le_bytes());
+            b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            for x in v {
+                s(&mut b, x);
+            }
+        } else {
+            b.extend_from_slice(&8u32.to_le_bytes());
+            s(&mut b, v[0]);
+        }
+    }
+    b
+}
+
+/// The tokenizer of a GGUF with `tokenizer.ggml.model` = `model`, `.pre` = `pre` and, if
+/// `vocab`, the tokens `a b c ab abc` with the one merge `a b`.
+fn build_tokenizer(
+    model: &str,
+    pre: &str,
+    vocab: bool,
+) -> Result<Option<edge_runtime::tokenizer::Tokenizer>, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kvs = vec![
+        ("tokenizer.ggml.model", vec![model]),
+        ("tokenizer.ggml.pre", vec![pre]),
+    ];
+    if vocab {
+        kvs.push(("tokenizer.ggml.tokens", vec!["a", "b", "c", "ab", "abc"]));
+        kvs.push(("tokenizer.ggml.merges", vec!["a b"]));
+    }
+    let p = dir.path().join("tok.gguf");
+    std::fs::write(&p, gguf_with(&kvs)).unwrap();
+    let f = gguf::GgufFile::open(&p).unwrap();
+    let ids = gguf::tokenizer::SpecialIds {
+        bos: Some(0),
+        eos: vec![1],
+        add_bos: None,
+    };
+    gguf::tokenizer::build(&f, &ids).map_err(|e| e.to_string())
+}
+
+#[test]
+fn tokenizer_models_and_pre_tokenizers() {
+    let e = build_tokenizer("llama", "default", true).unwrap_err();
+    assert!(e.contains("SentencePiece"), "{e}");
+    let e = build_tokenizer("bert", "default", true).unwrap_err();
+    assert!(e.contains("tokenizer model `bert` is not supported"), "{e}");
+    let e = build_tokenizer("gpt2", "qwen2", true).unwrap_err();
+    assert!(
+        e.contains("pre-tokenizer `qwen2` (`tokenizer.ggml.pre`) is not supported"),
+        "{e}"
+    );
+    let e = build_tokenizer("gpt2", "gpt-2", false).unwrap_err();
+    assert!(e.contains("`tokenizer.ggml.tokens` is missing"), "{e}");
+    assert!(build_tokenizer("no_vocab", "", false).unwrap().is_none());
+
+    // gpt-2: BPE by merge rank only; no merge reaches "abc".
+    let t = build_tokenizer("gpt2", "gpt-2", true).unwrap().unwrap();
+    assert_eq!((t.encode("abc").unwrap(), t.add_bos), (vec![3, 2], false));
+    // llama-bpe: a piece that is a whole vocabulary entry is one token (ignore_merges), and
+    // llama.cpp's default for this pre-tokenizer is to add BOS.
+    let t = build_tokenizer("gpt2", "llama-bpe", true).unwrap().unwrap();
+    assert_eq!((t.encode("abc").unwrap(), t.add_bos), (vec![0, 4], true));
+}

@@ -98,10 +98,7 @@ fn metadata_of_every_value_type() {
         assert_eq!(t.offset % 64, 0, "{}", t.name);
     }
     let get = |k: &str| f.get(k).unwrap_or_else(|| panic!("{k} missing")).clone();
-    assert_eq!(
-        get("general.architecture"),
-        Value::String("edge-fixture".into())
-    );
+    assert_eq!(get("general.architecture"), Value::String("edge-fixture".into()));
     assert_eq!(get("general.alignment"), Value::U32(64));
     assert_eq!(get("fixture.u8"), Value::U8(200));
     assert_eq!(get("fixture.i8"), Value::I8(-100));
@@ -115,20 +112,14 @@ fn metadata_of_every_value_type() {
     assert_eq!(get("fixture.u64"), Value::U64((1 << 63) + 5));
     assert_eq!(get("fixture.i64"), Value::I64(-(1 << 62)));
     assert_eq!(get("fixture.f64"), Value::F64(-1.5e300));
-    assert_eq!(
-        get("fixture.array_i32"),
-        Value::Array(Array::I32(vec![1, -2, 3]))
-    );
+    assert_eq!(get("fixture.array_i32"), Value::Array(Array::I32(vec![1, -2, 3])));
     assert_eq!(
         get("fixture.array_str"),
         Value::Array(Array::String(vec!["a".into(), "".into(), "ß".into()]))
     );
     assert_eq!(
         get("fixture.array_nested"),
-        Value::Array(Array::Array(vec![
-            Array::I32(vec![1, 2]),
-            Array::I32(vec![3])
-        ]))
+        Value::Array(Array::Array(vec![Array::I32(vec![1, 2]), Array::I32(vec![3])]))
     );
     assert_eq!(get("fixture.array_nested").summary(), "[array; 2]");
     assert_eq!(f.metadata.len(), 17);

@@ -66,14 +66,8 @@ fn smollm2_config_graph_and_listing() {
     );
     let norm = w("model.layers.7.input_layernorm.weight");
     assert_eq!((norm.dtype, norm.is_mapped()), (DType::F32, true));
-    assert_eq!(
-        w("model.layers.0.self_attn.k_proj.weight").shape,
-        vec![192, 576]
-    );
-    assert_eq!(
-        w("model.layers.0.mlp.down_proj.weight").shape,
-        vec![576, 1536]
-    );
+    assert_eq!(w("model.layers.0.self_attn.k_proj.weight").shape, vec![192, 576]);
+    assert_eq!(w("model.layers.0.mlp.down_proj.weight").shape, vec![576, 1536]);
 
     // The listing is the file's: 272 tensors, 210 q4_1 + 1 q8_0 + 61 f32 (RESULTS.md).
     assert_eq!(m.source_tensors.len(), 272);
@@ -81,10 +75,7 @@ fn smollm2_config_graph_and_listing() {
     for t in &m.source_tensors {
         *by_type.entry(t.dtype.as_str()).or_default() += 1;
     }
-    assert_eq!(
-        by_type,
-        HashMap::from([("q4_1", 210), ("q8_0", 1), ("f32", 61)])
-    );
+    assert_eq!(by_type, HashMap::from([("q4_1", 210), ("q8_0", 1), ("f32", 61)]));
     let te = m
         .source_tensors
         .iter()
@@ -104,11 +95,7 @@ fn smollm2_config_graph_and_listing() {
         (vec![576, 1536], 576 * 1536 / 32 * 20)
     );
 
-    let md: HashMap<&str, &str> = m
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let md: HashMap<&str, &str> = m.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(md["general.architecture"], "llama");
     assert_eq!(md["gguf.version"], "3");
     assert_eq!(md["llama.block_count"], "30");
@@ -129,12 +116,7 @@ fn smollm2_through_the_generic_loader_with_a_dtype() {
         dtype: Some(DType::BF16),
     };
     let m = load(&smollm2(), &opts).unwrap();
-    assert!(
-        m.graph
-            .weights
-            .iter()
-            .all(|w| w.tensor.dtype == DType::BF16)
-    );
+    assert!(m.graph.weights.iter().all(|w| w.tensor.dtype == DType::BF16));
     assert_eq!(m.graph.config.num_layers, 30);
 }
 
@@ -199,15 +181,8 @@ fn tiny_llama_gguf_equals_its_safetensors_original() {
             w.tensor.to_f32_vec()
         };
         let got = g.tensor.to_f32_vec();
-        let same = want
-            .iter()
-            .zip(&got)
-            .all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(
-            same,
-            "{}: values differ from the safetensors original",
-            w.name
-        );
+        let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{}: values differ from the safetensors original", w.name);
         let qk = w.name.ends_with("q_proj.weight") || w.name.ends_with("k_proj.weight");
         assert_eq!(g.tensor.is_mapped(), !qk, "{}: only q/k are copied", w.name);
         permuted += qk as usize;

@@ -42,9 +42,7 @@ pub fn to_f32(t: GgmlType, data: &[u8], numel: usize) -> Result<Vec<f32>, String
     }
     let (block, bytes) = t.block();
     if !numel.is_multiple_of(block) {
-        return Err(format!(
-            "{numel} elements are not whole {t} blocks of {block}"
-        ));
+        return Err(format!("{numel} elements are not whole {t} blocks of {block}"));
     }
     let want = numel / block * bytes;
     if data.len() != want {

@@ -38,9 +38,7 @@ pub fn load_file(f: &GgufFile) -> Result<LoadedModel> {
     let ids = tokenizer::SpecialIds {
         bos: config.bos_token_id,
         eos: config.eos_token_ids.clone(),
-        add_bos: f
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(Value::as_bool),
+        add_bos: f.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool),
     };
     let tok = tokenizer::build(f, &ids)?;
     if let Some(t) = &tok {
@@ -219,8 +217,7 @@ pub fn tensor(f: &GgufFile, info: &TensorInfo) -> Result<Tensor> {
             if !dequant::supported(info.ggml_type) {
                 return Err(unsupported_type(f, info));
             }
-            let data =
-                dequant::to_f32(info.ggml_type, f.tensor_bytes(info), info.numel()).map_err(bad)?;
+            let data = dequant::to_f32(info.ggml_type, f.tensor_bytes(info), info.numel()).map_err(bad)?;
             Tensor::from_f32(shape, data).map_err(|e| bad(e.to_string()))
         }
     }
@@ -229,11 +226,7 @@ pub fn tensor(f: &GgufFile, info: &TensorInfo) -> Result<Tensor> {
 /// Undoes llama.cpp's RoPE row permutation of a q or k projection (`[heads * head_dim, in]`):
 /// GGUF row `h*hd + 2*i + j` holds HF row `h*hd + j*(hd/2) + i` (`j` in {0, 1}, `i < hd/2`).
 /// The result is an owned tensor of the same type.
-pub fn unpermute_qk(
-    t: &Tensor,
-    heads: usize,
-    head_dim: usize,
-) -> std::result::Result<Tensor, String> {
+pub fn unpermute_qk(t: &Tensor, heads: usize, head_dim: usize) -> std::result::Result<Tensor, String> {
     let (rows, cols) = match t.shape[..] {
         [r, c] => (r, c),
         _ => return Err(format!("expected a matrix, got shape {:?}", t.shape)),
@@ -245,10 +238,7 @@ pub fn unpermute_qk(
     }
     let shape = t.shape.clone();
     let out = match t.dtype {
-        DType::F32 => Tensor::from_f32(
-            shape,
-            permute_rows(t.f32s().expect("f32"), heads, head_dim, cols),
-        ),
+        DType::F32 => Tensor::from_f32(shape, permute_rows(t.f32s().expect("f32"), heads, head_dim, cols)),
         dt => Tensor::from_half(
             dt,
             shape,
@@ -309,9 +299,8 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
                 }),
         }
     };
-    let need = |key: &str| -> Result<usize> {
-        uint(key)?.ok_or_else(|| cfg_err(format!("`{key}` is missing")))
-    };
+    let need =
+        |key: &str| -> Result<usize> { uint(key)?.ok_or_else(|| cfg_err(format!("`{key}` is missing"))) };
     let float = |key: &str| -> Result<Option<f64>> {
         match f.get(key) {
             None => Ok(None),
@@ -352,9 +341,7 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
     {
         return Err(FrontendError::Unsupported {
             path: f.path.clone(),
-            msg: format!(
-                "partial RoPE (rope.dimension_count {r} of head_dim {head_dim}) is not supported"
-            ),
+            msg: format!("partial RoPE (rope.dimension_count {r} of head_dim {head_dim}) is not supported"),
         });
     }
     if let Some(v) = f.get("llama.rope.scaling.type")
@@ -383,9 +370,8 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
             None => f
                 .tensor_info("token_embd.weight")
                 .and_then(|t| t.ne.get(1).copied())
-                .ok_or_else(|| {
-                    cfg_err("no token list, `llama.vocab_size` or `token_embd.weight`".into())
-                })? as usize,
+                .ok_or_else(|| cfg_err("no token list, `llama.vocab_size` or `token_embd.weight`".into()))?
+                as usize,
         },
     };
     let token = |key: &str| -> Result<Option<u32>> {
@@ -440,10 +426,7 @@ mod tests {
 
     #[test]
     fn maps_names() {
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
         assert_eq!(hf_name("output_norm.weight").unwrap(), "model.norm.weight");
         assert_eq!(

@@ -202,10 +202,7 @@ impl Array {
             Array::I16(v) => v.iter().map(|&x| x as i64).collect(),
             Array::U32(v) => v.iter().map(|&x| x as i64).collect(),
             Array::I32(v) => v.iter().map(|&x| x as i64).collect(),
-            Array::U64(v) => v
-                .iter()
-                .map(|&x| i64::try_from(x).ok())
-                .collect::<Option<_>>()?,
+            Array::U64(v) => v.iter().map(|&x| i64::try_from(x).ok()).collect::<Option<_>>()?,
             Array::I64(v) => v.clone(),
             _ => return None,
         })
@@ -908,8 +905,8 @@ fn parse_bytes(data: &[u8], path: &str) -> Result<Parsed> {
         }
         let type_id = c.u32(&what)?;
         let offset = c.u64(&what)?;
-        let ggml_type = GgmlType::from_id(type_id)
-            .ok_or_else(|| bad(format!("unknown tensor type id {type_id}")))?;
+        let ggml_type =
+            GgmlType::from_id(type_id).ok_or_else(|| bad(format!("unknown tensor type id {type_id}")))?;
         let numel = ne
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
@@ -1005,11 +1002,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_magic_and_versions() {
-        assert!(
-            err(b"GGML\x03\0\0\0").contains("bad magic"),
-            "{}",
-            err(b"GGML")
-        );
+        assert!(err(b"GGML\x03\0\0\0").contains("bad magic"), "{}", err(b"GGML"));
         assert!(err(b"GG").contains("bad magic"));
         assert!(err(b"").contains("bad magic"));
         let e = err(&W::new(1, 0, 0).0);
@@ -1041,10 +1034,7 @@ mod tests {
         w.u64(1 << 60);
         w.0.extend_from_slice(&[0; 32]);
         let e = err(&w.0);
-        assert!(
-            e.contains("array of 1152921504606846976 string elements"),
-            "{e}"
-        );
+        assert!(e.contains("array of 1152921504606846976 string elements"), "{e}");
     }
 
     #[test]
@@ -1077,10 +1067,7 @@ mod tests {
         assert_eq!(md[1].1, Value::Array(Array::U32(vec![])));
         assert_eq!(
             md[2].1,
-            Value::Array(Array::Array(vec![
-                Array::U8(vec![1, 2]),
-                Array::U8(vec![3])
-            ]))
+            Value::Array(Array::Array(vec![Array::U8(vec![1, 2]), Array::U8(vec![3])]))
         );
         assert_eq!(md[2].1.summary(), "[array; 2]");
         assert_eq!(md[3].1, Value::Array(Array::Bool(vec![true, false])));
@@ -1132,10 +1119,7 @@ mod tests {
         let e = err(&tensor(&[32], 99, 0).0);
         assert!(e.contains("tensor `t`: unknown tensor type id 99"), "{e}");
         let e = err(&tensor(&[33], 2, 0).0);
-        assert!(
-            e.contains("not a multiple of the q4_0 block size 32"),
-            "{e}"
-        );
+        assert!(e.contains("not a multiple of the q4_0 block size 32"), "{e}");
         let e = err(&tensor(&[1, 1, 1, 1, 1], 0, 0).0);
         assert!(e.contains("5 dimensions"), "{e}");
         let e = err(&tensor(&[1 << 32, 1 << 32], 0, 0).0);

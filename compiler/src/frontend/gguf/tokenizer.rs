@@ -32,17 +32,11 @@ use super::reader::{Array, GgufFile};
 /// GPT-2's pre-tokenizer regex as llama.cpp writes it. Text it does not match (a lone
 /// whitespace character before a non-space) becomes a piece of its own, as in GPT-2's
 /// `...|\s+(?!\S)|\s+`.
-pub const GPT2_REGEX: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// LLaMA-3's pre-tokenizer regex (llama.cpp's case-insensitive contractions spelled out).
 pub const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama.cpp's DEFAULT pre-type (used when a file names no pre-tokenizer).
-pub const DEFAULT_REGEXES: [&str; 4] = [
-    r"[\p{P}\$\+<=>\^~\|]+",
-    GPT2_REGEX,
-    r"\p{N}+",
-    "[0-9][0-9][0-9]",
-];
+pub const DEFAULT_REGEXES: [&str; 4] = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"];
 
 /// How a `tokenizer.ggml.pre` name splits text.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,12 +59,14 @@ pub fn pre_tokenizer_spec(pre: Option<&str>) -> Option<PreTokenizerSpec> {
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
             spec(vec![r"\p{N}", GPT2_REGEX], false, false)
         }
-        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es" | "jina-v2-de"
-        | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" | "gigachat" | "mellum"
-        | "a.x-4.0" | "exaone4" => spec(vec![GPT2_REGEX], false, false),
+        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es" | "jina-v2-de" | "mpt" | "olmo"
+        | "jais" | "trillion" | "granite-docling" | "gigachat" | "mellum" | "a.x-4.0" | "exaone4" => {
+            spec(vec![GPT2_REGEX], false, false)
+        }
         "default" => spec(DEFAULT_REGEXES.to_vec(), false, false),
-        "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" | "falcon-h1" | "midm-2.0"
-        | "lfm2" => spec(vec![LLAMA3_REGEX], true, true),
+        "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" | "falcon-h1" | "midm-2.0" | "lfm2" => {
+            spec(vec![LLAMA3_REGEX], true, true)
+        }
         _ => return None,
     })
 }
@@ -92,6 +88,17 @@ pub struct SpecialIds {
 /// (`tokenizer.ggml.model` absent or `none` / `no_vocab`). The tokenizer's `add_bos` is the
 /// file's `tokenizer.ggml.add_bos_token`, else llama.cpp's default for the pre-tokenizer.
 pub fn build(f: &GgufFile, ids: &SpecialIds) -> Result<Option<Tokenizer>> {
+    build_with_pre(f, ids, None)
+}
+
+/// [`build`], with `pre` (if given) in place of the file's `tokenizer.ggml.pre`: the same
+/// vocabulary split by another pre-tokenizer (used to test each pre-tokenizer against
+/// llama.cpp with one vocabulary).
+pub fn build_with_pre(
+    f: &GgufFile,
+    ids: &SpecialIds,
+    pre_override: Option<&str>,
+) -> Result<Option<Tokenizer>> {
     let err = |msg: String| FrontendError::Tokenizer {
         path: f.path.clone(),
         msg,
@@ -119,13 +126,12 @@ pub fn build(f: &GgufFile, ids: &SpecialIds) -> Result<Option<Tokenizer>> {
         other => {
             return Err(FrontendError::Unsupported {
                 path: f.path.clone(),
-                msg: format!(
-                    "tokenizer model `{other}` is not supported (only byte-level BPE, `gpt2`)"
-                ),
+                msg: format!("tokenizer model `{other}` is not supported (only byte-level BPE, `gpt2`)"),
             });
         }
     }
     let pre = match f.get("tokenizer.ggml.pre") {
+        _ if pre_override.is_some() => pre_override,
         None => None,
         Some(v) => Some(v.as_str().ok_or_else(|| {
             err(format!(
@@ -163,9 +169,10 @@ pub fn build(f: &GgufFile, ids: &SpecialIds) -> Result<Option<Tokenizer>> {
     let types: Vec<i64> = match f.get("tokenizer.ggml.token_type") {
         None => vec![1; tokens.len()],
         Some(v) => {
-            let t = v.as_array().and_then(Array::to_i64s).ok_or_else(|| {
-                err("`tokenizer.ggml.token_type` is not an array of integers".into())
-            })?;
+            let t = v
+                .as_array()
+                .and_then(Array::to_i64s)
+                .ok_or_else(|| err("`tokenizer.ggml.token_type` is not an array of integers".into()))?;
             if t.len() != tokens.len() {
                 return Err(err(format!(
                     "`tokenizer.ggml.token_type` has {} entries for {} tokens",
@@ -180,9 +187,7 @@ pub fn build(f: &GgufFile, ids: &SpecialIds) -> Result<Option<Tokenizer>> {
         None => &[],
         Some(Some(Array::String(m))) => m,
         Some(_) => {
-            return Err(err(
-                "`tokenizer.ggml.merges` is not an array of strings".into()
-            ));
+            return Err(err("`tokenizer.ggml.merges` is not an array of strings".into()));
         }
     };
 
@@ -209,14 +214,9 @@ pub fn build(f: &GgufFile, ids: &SpecialIds) -> Result<Option<Tokenizer>> {
             .skip(1)
             .find(|&(_, c)| c == ' ')
             .map(|(p, _)| p)
-            .ok_or_else(|| {
-                err(format!(
-                    "merge #{i} `{m}` has no space between its two parts"
-                ))
-            })?;
+            .ok_or_else(|| err(format!("merge #{i} `{m}` has no space between its two parts")))?;
         let (a, b) = (&m[..pos], &m[pos + 1..]);
-        if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}"))
-        {
+        if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}")) {
             merges.push((a.to_string(), b.to_string()));
         } else {
             skipped += 1;
@@ -268,12 +268,7 @@ pub fn build(f: &GgufFile, ids: &SpecialIds) -> Result<Option<Tokenizer>> {
         merges_raw.len() - skipped
     );
     let add_bos = ids.add_bos.unwrap_or(spec.add_bos_default);
-    Ok(Some(Tokenizer::new(
-        inner,
-        add_bos,
-        ids.bos,
-        ids.eos.clone(),
-    )))
+    Ok(Some(Tokenizer::new(inner, add_bos, ids.bos, ids.eos.clone())))
 }
 
 #[cfg(test)]
@@ -298,10 +293,7 @@ mod tests {
 
     #[test]
     fn regexes_compile() {
-        for r in [GPT2_REGEX, LLAMA3_REGEX]
-            .iter()
-            .chain(DEFAULT_REGEXES.iter())
-        {
+        for r in [GPT2_REGEX, LLAMA3_REGEX].iter().chain(DEFAULT_REGEXES.iter()) {
             Split::new(
                 SplitPattern::Regex(r.to_string()),
                 SplitDelimiterBehavior::Isolated,
