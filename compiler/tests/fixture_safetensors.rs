@@ -38,21 +38,6 @@ fn incremental_decoding_matches_full_prefill() {
     assert!(d < 1e-4);
 }
 
-#[test]
-fn half_precision_weights_stay_close() {
-    let opts = LoadOptions {
-        dtype: Some(edge_runtime::DType::BF16),
-    };
-    let model = load(&common::tiny_llama(), &opts).unwrap();
-    assert!(
-        model
-            .graph
-            .weights
-            .iter()
-            .all(|w| w.tensor.dtype == edge_runtime::DType::BF16)
-    );
-}
-
 /// Writes the fixture's weights as `dtype` into `dir` (one file, or `shards` files with an
 /// index), with the fixture's config.json.
 fn write_converted(dir: &std::path::Path, dtype: safetensors::Dtype, shards: usize) {
