@@ -139,6 +139,27 @@ fn wrong_architecture() {
 }
 
 #[test]
+fn implausible_config_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tiny();
+    let key = b"llama.block_count";
+    let at = b.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(&b[at..at + 8], &[4, 0, 0, 0, 4, 0, 0, 0], "u32 4 in the fixture");
+    b[at + 4..at + 8].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    let e = load_err(dir.path(), "layers.gguf", &b);
+    assert!(
+        e.contains("llama.block_count = 1073741824 is implausibly large"),
+        "{e}"
+    );
+    b[at..at + 4].copy_from_slice(&6u32.to_le_bytes()); // now an f32
+    let e = load_err(dir.path(), "layers-f32.gguf", &b);
+    assert!(
+        e.contains("`llama.block_count` is") && e.contains("(f32), not a non-negative integer"),
+        "{e}"
+    );
+}
+
+#[test]
 fn truncated_copies_of_the_real_model() {
     let full = std::fs::read(smollm2()).unwrap();
     let data_offset = gguf::GgufFile::open(&smollm2()).unwrap().data_offset as usize;
@@ -234,6 +255,50 @@ fn mutated_headers_never_panic() {
     }
     eprintln!("mutants: {ok} parsed, {failed} rejected");
     assert!(failed > 100 && ok > 100, "{ok} parsed, {failed} rejected");
+}
+
+/// Random damage to the metadata and tensor infos of a real model file, loaded all the way
+/// (config, tokenizer, tensors, graph): an error or a model, never a panic (the tests run
+/// with overflow checks on).
+#[test]
+fn mutated_models_never_panic() {
+    let original = tiny();
+    let data_offset = gguf::GgufFile::open(&repo().join("tests/data/gguf/tiny-llama.f16.gguf"))
+        .unwrap()
+        .data_offset as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mutant.gguf");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..300 {
+        let mut b = original.clone();
+        for _ in 0..1 + next() % 3 {
+            // Past the fixed header, up to the end of the tensor infos.
+            let at = 24 + (next() as usize) % (data_offset - 24);
+            b[at] = match next() % 4 {
+                0 => next() as u8,
+                1 => 0xff,
+                2 => 0,
+                _ => b[at] ^ (1 << (next() % 8)),
+            };
+        }
+        std::fs::write(&path, &b).unwrap();
+        match gguf::load(&path) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("model mutants: {ok} loaded, {failed} rejected");
+    assert!(failed > 30, "{ok} loaded, {failed} rejected");
 }
 
 /// A GGUF with string / string-array metadata only (no tensors).

@@ -417,6 +417,24 @@ pub fn read_config(f: &GgufFile) -> Result<ModelConfig> {
             .unwrap_or(false),
     };
     config.validate().map_err(|e| cfg_err(e.to_string()))?;
+    // Bounds that keep every size derived from the config (heads x head_dim x hidden, ...)
+    // far from overflowing; real models are orders of magnitude below them.
+    const MAX_DIM: usize = 1 << 20;
+    const MAX_VOCAB: usize = 1 << 24;
+    for (key, v, max) in [
+        ("llama.embedding_length", config.hidden_size, MAX_DIM),
+        ("llama.feed_forward_length", config.intermediate_size, MAX_DIM),
+        ("llama.block_count", config.num_layers, MAX_DIM),
+        ("llama.attention.head_count", config.num_heads, MAX_DIM),
+        ("llama.attention.head_count_kv", config.num_kv_heads, MAX_DIM),
+        ("head_dim", config.head_dim, MAX_DIM),
+        ("vocabulary size", config.vocab_size, MAX_VOCAB),
+        ("llama.context_length", config.max_position_embeddings, 1 << 28),
+    ] {
+        if v > max {
+            return Err(cfg_err(format!("{key} = {v} is implausibly large (limit {max})")));
+        }
+    }
     Ok(config)
 }
 
