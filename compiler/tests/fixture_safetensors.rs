@@ -140,3 +140,43 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     let single = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
     assert_eq!(logits_of(sharded), logits_of(single));
 }
+
+/// Running the graph layer by layer with `run_span` (as calibration and profiling do)
+/// gives the same residual stream as one full forward pass.
+#[test]
+fn layer_spans_reproduce_the_full_forward() {
+    use edge_runtime::ir::names;
+    use std::sync::Arc;
+    let model = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
+    let g = Arc::new(model.graph);
+    let exec = edge_runtime::Executor::new(g.clone()).unwrap();
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 41 % 256) as u32).collect();
+    let outs: Vec<_> = (0..4)
+        .map(|i| g.value_id(&names::layer_out(i)).unwrap())
+        .collect();
+    let embed = g.value_id(names::EMBEDDINGS).unwrap();
+    let mut taps = vec![embed];
+    taps.extend(&outs);
+    let mut s = exec.session(10);
+    let full = exec
+        .forward(&mut s, &tokens, edge_runtime::Rows::All, &taps)
+        .unwrap();
+    let mut x = full.taps[0].clone();
+    let mut input = embed;
+    for (i, &out) in outs.iter().enumerate() {
+        let mut s = exec.session(10);
+        let span = g.layer_span(i).unwrap();
+        x = exec
+            .run_span(&mut s, 10, vec![(input, x)], span, &[out])
+            .unwrap()
+            .remove(0);
+        assert_eq!(x, full.taps[i + 1], "layer {i}");
+        input = out;
+    }
+    // A span whose outside inputs are not seeded is an error, not a panic.
+    let mut s = exec.session(10);
+    let err = exec
+        .run_span(&mut s, 10, vec![], g.layer_span(2).unwrap(), &[outs[2]])
+        .unwrap_err();
+    assert!(err.to_string().contains("layers.1.out"), "{err}");
+}

@@ -75,7 +75,7 @@ impl Executor {
                 last_use[v.0] = i;
             }
         }
-        last_use[graph.logits.0] = usize::MAX;
+
         Ok(Executor { graph, last_use })
     }
 
@@ -124,12 +124,6 @@ impl Executor {
                 vocab: c.vocab_size,
             });
         }
-        if s.pos + n > s.capacity {
-            return Err(RuntimeError::ContextOverflow {
-                needed: s.pos + n,
-                capacity: s.capacity,
-            });
-        }
         let out_rows = match rows {
             Rows::All => 0..n,
             Rows::Last => n - 1..n,
@@ -142,26 +136,113 @@ impl Executor {
                 r
             }
         };
-        for t in taps {
+        let mut keep = taps.to_vec();
+        keep.push(g.logits);
+        let mut kept = self.execute(s, tokens, n, vec![], 0..g.nodes.len(), out_rows.clone(), &keep)?;
+        let logits = kept.pop().expect("logits kept");
+        Ok(StepOutput {
+            logits,
+            rows: out_rows,
+            taps: kept,
+        })
+    }
+
+    /// Runs only the nodes `span` (e.g. one decoder layer, see [`Graph::layer_span`]) on
+    /// `rows` new positions of the session, with `seeds` giving the values the span reads
+    /// from outside it (e.g. the residual stream entering the layer). Returns the values
+    /// named in `outputs`. The span may not contain an `Embedding` (it needs token ids).
+    pub fn run_span(
+        &self,
+        s: &mut Session,
+        rows: usize,
+        seeds: Vec<(ValueId, Vec<f32>)>,
+        span: Range<usize>,
+        outputs: &[ValueId],
+    ) -> Result<Vec<Vec<f32>>> {
+        let g = &*self.graph;
+        if span.end > g.nodes.len() || span.start >= span.end {
+            return Err(RuntimeError::Invalid(format!(
+                "node span {span:?} is empty or out of range"
+            )));
+        }
+        if rows == 0 {
+            return Err(RuntimeError::Invalid("run_span: no rows".into()));
+        }
+        for (v, data) in &seeds {
+            let w = g.values.get(v.0).map(|i| i.width).unwrap_or(0);
+            if w == 0 || data.len() != rows * w {
+                return Err(RuntimeError::Invalid(format!(
+                    "seed value {} has {} numbers, expected {rows} x {w}",
+                    v.0,
+                    data.len()
+                )));
+            }
+        }
+        self.execute(s, &[], rows, seeds, span, 0..rows, outputs)
+    }
+
+    /// The interpreter loop shared by [`forward`](Self::forward) and
+    /// [`run_span`](Self::run_span). Returns the `keep` values in order.
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &self,
+        s: &mut Session,
+        tokens: &[u32],
+        n: usize,
+        seeds: Vec<(ValueId, Vec<f32>)>,
+        span: Range<usize>,
+        out_rows: Range<usize>,
+        keep: &[ValueId],
+    ) -> Result<Vec<Vec<f32>>> {
+        let g = &*self.graph;
+        if s.pos + n > s.capacity {
+            return Err(RuntimeError::ContextOverflow {
+                needed: s.pos + n,
+                capacity: s.capacity,
+            });
+        }
+        for t in keep {
             if t.0 >= g.values.len() {
-                return Err(RuntimeError::Invalid(format!("tap value {} does not exist", t.0)));
+                return Err(RuntimeError::Invalid(format!(
+                    "requested value {} does not exist",
+                    t.0
+                )));
             }
         }
         let start = s.pos;
         let mut vals: Vec<Option<Vec<f32>>> = vec![None; g.values.len()];
         let mut nrows = vec![n; g.values.len()];
-        let mut kept: Vec<Option<Vec<f32>>> = vec![None; taps.len()];
+        for (v, data) in seeds {
+            vals[v.0] = Some(data);
+        }
+        let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
+        for (slot, k) in kept.iter_mut().zip(keep) {
+            if let Some(v) = &vals[k.0] {
+                *slot = Some(v.clone());
+            }
+        }
 
-        for (idx, node) in g.nodes.iter().enumerate() {
+        for idx in span {
+            let node = &g.nodes[idx];
             let width = g.values[node.output.0].width;
+            for v in &node.inputs {
+                if vals[v.0].is_none() {
+                    return Err(RuntimeError::Invalid(format!(
+                        "node `{}` reads `{}`, which is neither computed in the span nor seeded",
+                        node.name, g.values[v.0].name
+                    )));
+                }
+            }
             let r_in = node.inputs.first().map(|v| nrows[v.0]).unwrap_or(n);
-            let get = |i: usize| {
-                vals[node.inputs[i].0]
-                    .as_deref()
-                    .expect("verified graph: input computed")
-            };
+            let get = |i: usize| vals[node.inputs[i].0].as_deref().expect("checked above");
             let (out, r_out) = match &node.op {
                 Op::Embedding { table } => {
+                    if tokens.len() != n {
+                        return Err(RuntimeError::Invalid(format!(
+                            "node `{}` needs token ids; a span cannot start at an embedding",
+                            node.name
+                        )));
+                    }
                     let t = &g.weight(*table).tensor;
                     let mut o = vec![0.0; n * width];
                     for (row, &tok) in o.chunks_exact_mut(width).zip(tokens) {
@@ -227,8 +308,8 @@ impl Executor {
                 }
             };
             nrows[node.output.0] = r_out;
-            for (slot, t) in kept.iter_mut().zip(taps) {
-                if *t == node.output {
+            for (slot, k) in kept.iter_mut().zip(keep) {
+                if *k == node.output {
                     *slot = Some(out.clone());
                 }
             }
@@ -240,11 +321,16 @@ impl Executor {
             }
         }
         s.pos += n;
-        let logits = vals[g.logits.0].take().expect("verified graph computes logits");
-        Ok(StepOutput {
-            logits,
-            rows: out_rows,
-            taps: kept.into_iter().map(|t| t.unwrap_or_default()).collect(),
-        })
+        kept.into_iter()
+            .zip(keep)
+            .map(|(k, id)| {
+                k.ok_or_else(|| {
+                    RuntimeError::Invalid(format!(
+                        "value `{}` is not computed by the run",
+                        g.values[id.0].name
+                    ))
+                })
+            })
+            .collect()
     }
 }

@@ -195,6 +195,17 @@ impl Graph {
     pub fn weight(&self, id: WeightId) -> &Weight {
         &self.weights[id.0]
     }
+    /// The nodes of decoder layer `i`: from its first node (named `layers.{i}.*`) to the
+    /// node producing `layers.{i}.out`. Its outside input is `layers.{i-1}.out` (or
+    /// `embed.out` for layer 0).
+    pub fn layer_span(&self, i: usize) -> Option<std::ops::Range<usize>> {
+        let prefix = format!("layers.{i}.");
+        let first = self.nodes.iter().position(|n| n.name.starts_with(&prefix))?;
+        let out = names::layer_out(i);
+        let last = self.nodes.iter().position(|n| n.name == out)?;
+        (first <= last).then_some(first..last + 1)
+    }
+
     /// Total bytes of weight storage (shared tensors counted once).
     pub fn weight_bytes(&self) -> usize {
         self.weights.iter().map(|w| w.tensor.nbytes()).sum()

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod exec;
+pub mod format;
 pub mod ir;
 pub mod kernels;
 pub mod ops;
