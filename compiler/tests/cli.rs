@@ -178,3 +178,27 @@ fn missing_model_is_a_clear_error() {
     let o = edgec(&["inspect", "/nonexistent/model.gguf"]);
     assert_clean_failure(&o, &["/nonexistent/model.gguf"]);
 }
+
+#[test]
+fn gguf_with_bad_magic_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.gguf");
+    std::fs::write(&f, b"GGML\x03\x00\x00\x00 not a gguf file at all").unwrap();
+    let o = edgec(&["eval", "--model", f.to_str().unwrap(), "--text", "/dev/null"]);
+    assert_clean_failure(&o, &["model.gguf", "magic"]);
+}
+
+#[test]
+fn garbage_onnx_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("model.onnx");
+    std::fs::write(
+        &f,
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let o = edgec(&["generate", "--model", f.to_str().unwrap(), "--prompt", "hello"]);
+    assert_clean_failure(&o, &["model.onnx", "ONNX"]);
+}
