@@ -20,6 +20,8 @@
 //!     kept (2:4 keeps 2 of every 4, i.e. two zeros in every group of four); each kept value
 //!     has its `ceil(log2 m)`-bit position inside its block, packed little-endian, per row.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use crate::tensor::DType;
@@ -115,6 +117,37 @@ pub enum WeightFormat {
 pub enum ValueFormat {
     F16,
     Quant(QuantSpec),
+}
+
+impl fmt::Display for QuantSpec {
+    /// `q4/g32/asym`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            QuantScheme::Asym => "asym",
+            QuantScheme::Sym => "sym",
+        };
+        write!(f, "q{}/g{}/{scheme}", self.bits, self.group)
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    /// `f16`, `q4/g32/asym`, `2:4+q4/g32/sym`, `unstructured+f16`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightFormat::Dense { dtype } => write!(f, "{dtype}"),
+            WeightFormat::Quant(q) => write!(f, "{q}"),
+            WeightFormat::Sparse { pattern, values } => {
+                match pattern {
+                    SparsePattern::Unstructured => f.write_str("unstructured+")?,
+                    SparsePattern::NofM { n, m } => write!(f, "{n}:{m}+")?,
+                }
+                match values {
+                    ValueFormat::F16 => f.write_str("f16"),
+                    ValueFormat::Quant(q) => write!(f, "{q}"),
+                }
+            }
+        }
+    }
 }
 
 impl WeightFormat {

@@ -10,6 +10,7 @@ pub mod format;
 pub mod ir;
 pub mod kernels;
 pub mod ops;
+pub mod packed;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

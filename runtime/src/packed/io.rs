@@ -1,0 +1,1 @@
+//! Safetensors layout for packed weights (see `docs/formats.md`).
