@@ -3,6 +3,11 @@
 //!
 //! - [`candidate`]: one compression choice for a layer (bits, group, scheme, sparsity, pattern).
 //! - [`sensitivity`]: the profile file `edgec profile` writes and `edgec policy` reads.
+//! - [`budget`], [`search`], [`policy`]: budgets, the policy search (uniform, edge-llm,
+//!   optimal knapsack) and the `policy.toml` file.
 
+pub mod budget;
 pub mod candidate;
+pub mod policy;
+pub mod search;
 pub mod sensitivity;
