@@ -8,7 +8,7 @@ use edgec::frontend::{LoadOptions, load};
 fn logits_and_hidden_states_match_transformers() {
     let model = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
     assert!(
-        model.graph.weights.iter().all(|w| w.tensor.is_mapped()),
+        model.graph.weights.iter().all(|w| w.tensor().unwrap().is_mapped()),
         "safetensors weights must be mapped, not copied"
     );
     common::check_against_transformers(&model);
@@ -115,7 +115,7 @@ fn f16_and_bf16_files_are_mapped_and_exact() {
                 .graph
                 .weights
                 .iter()
-                .all(|w| w.tensor.dtype == dt && w.tensor.is_mapped())
+                .all(|w| w.tensor().unwrap().dtype == dt && w.tensor().unwrap().is_mapped())
         );
         let from_file = logits_of(model);
         let rounded = logits_of(load(&common::tiny_llama(), &LoadOptions { dtype: Some(dt) }).unwrap());

@@ -51,14 +51,14 @@ fn smollm2_config_graph_and_listing() {
         (Some(1), vec![2], false)
     );
     assert_eq!(c.parameter_count(), 134_515_008);
-    let stored: usize = m.graph.weights.iter().map(|w| w.tensor.numel()).sum();
+    let stored: usize = m.graph.weights.iter().map(|w| w.tensor().unwrap().numel()).sum();
     assert_eq!(stored, 134_515_008);
     m.graph.verify().unwrap();
     assert_eq!(m.format, SourceFormat::Gguf);
     assert_eq!(m.graph.weights.len(), 1 + 30 * 9 + 1);
 
     // Storage: q4_1 / q8_0 dequantized to owned f32, f32 norms still mapped.
-    let w = |n: &str| &m.graph.weight(m.graph.weight_id(n).unwrap()).tensor;
+    let w = |n: &str| m.graph.weight(m.graph.weight_id(n).unwrap()).tensor().unwrap();
     let embed = w("model.embed_tokens.weight");
     assert_eq!(
         (embed.dtype, embed.shape.clone(), embed.is_mapped()),
@@ -116,7 +116,7 @@ fn smollm2_through_the_generic_loader_with_a_dtype() {
         dtype: Some(DType::BF16),
     };
     let m = load(&smollm2(), &opts).unwrap();
-    assert!(m.graph.weights.iter().all(|w| w.tensor.dtype == DType::BF16));
+    assert!(m.graph.weights.iter().all(|w| w.tensor().unwrap().dtype == DType::BF16));
     assert_eq!(m.graph.config.num_layers, 30);
 }
 
@@ -172,19 +172,19 @@ fn tiny_llama_gguf_equals_its_safetensors_original() {
                 .weight_id(&w.name)
                 .unwrap_or_else(|| panic!("{} missing", w.name)),
         );
-        assert_eq!(w.tensor.shape, g.tensor.shape, "{}", w.name);
-        let want = if w.tensor.shape.len() == 2 {
-            assert_eq!(g.tensor.dtype, DType::F16, "{}", w.name);
-            w.tensor.convert(DType::F16).unwrap().to_f32_vec()
+        assert_eq!(w.tensor().unwrap().shape, g.tensor().unwrap().shape, "{}", w.name);
+        let want = if w.tensor().unwrap().shape.len() == 2 {
+            assert_eq!(g.tensor().unwrap().dtype, DType::F16, "{}", w.name);
+            w.tensor().unwrap().convert(DType::F16).unwrap().to_f32_vec()
         } else {
-            assert_eq!(g.tensor.dtype, DType::F32, "{}", w.name);
-            w.tensor.to_f32_vec()
+            assert_eq!(g.tensor().unwrap().dtype, DType::F32, "{}", w.name);
+            w.tensor().unwrap().to_f32_vec()
         };
-        let got = g.tensor.to_f32_vec();
+        let got = g.tensor().unwrap().to_f32_vec();
         let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same, "{}: values differ from the safetensors original", w.name);
         let qk = w.name.ends_with("q_proj.weight") || w.name.ends_with("k_proj.weight");
-        assert_eq!(g.tensor.is_mapped(), !qk, "{}: only q/k are copied", w.name);
+        assert_eq!(g.tensor().unwrap().is_mapped(), !qk, "{}: only q/k are copied", w.name);
         permuted += qk as usize;
     }
     assert_eq!(permuted, 8);

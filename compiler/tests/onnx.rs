@@ -52,10 +52,10 @@ fn assert_same_graph(got: &Graph, want: &Graph) {
     assert_eq!(got.weights.len(), want.weights.len());
     for (a, b) in got.weights.iter().zip(&want.weights) {
         assert_eq!(a.name, b.name);
-        assert_eq!(a.tensor.shape, b.tensor.shape, "{}", a.name);
-        assert_eq!(a.tensor.dtype, b.tensor.dtype, "{}", a.name);
+        assert_eq!(a.tensor().unwrap().shape, b.tensor().unwrap().shape, "{}", a.name);
+        assert_eq!(a.tensor().unwrap().dtype, b.tensor().unwrap().dtype, "{}", a.name);
         assert!(
-            a.tensor.raw() == b.tensor.raw(),
+            a.tensor().unwrap().raw() == b.tensor().unwrap().raw(),
             "weight {} differs",
             a.name
         );
@@ -244,7 +244,7 @@ fn onnx_external_data_is_mapped_and_equal() {
         "model.layers.2.input_layernorm.weight",
     ] {
         assert!(
-            g.weight(g.weight_id(name).unwrap()).tensor.is_mapped(),
+            g.weight(g.weight_id(name).unwrap()).tensor().unwrap().is_mapped(),
             "{name} is not mapped"
         );
     }
@@ -536,7 +536,7 @@ fn onnx_lm_head_equal_to_the_embedding_is_tied() {
     let logits = g.nodes.iter().find(|n| n.name == "logits").unwrap();
     let table = g.weight_id("model.embed_tokens.weight").unwrap();
     assert_eq!(logits.op, edge_runtime::ir::Op::Linear { weight: table });
-    assert_eq!(g.weight(table).tensor.raw(), emb.as_slice());
+    assert_eq!(g.weight(table).tensor().unwrap().raw(), emb.as_slice());
 
     // config.json saying untied keeps the (equal) separate head.
     std::fs::copy(

@@ -243,21 +243,25 @@ impl Executor {
                             node.name
                         )));
                     }
-                    let t = &g.weight(*table).tensor;
+                    let t = &g.weight(*table).data;
                     let mut o = vec![0.0; n * width];
                     for (row, &tok) in o.chunks_exact_mut(width).zip(tokens) {
-                        t.read_f32(tok as usize * width, row);
+                        t.read_row_f32(tok as usize, row);
                     }
                     (o, n)
                 }
                 Op::RmsNorm { weight, eps } => {
                     let mut o = vec![0.0; r_in * width];
-                    rms_norm(get(0), &g.weight(*weight).tensor, *eps, &mut o);
+                    let w = g
+                        .weight(*weight)
+                        .tensor()
+                        .expect("verified: norm weights are dense");
+                    rms_norm(get(0), w, *eps, &mut o);
                     (o, r_in)
                 }
                 Op::Linear { weight } => {
                     let mut o = vec![0.0; r_in * width];
-                    linear(get(0), r_in, &g.weight(*weight).tensor, &mut o);
+                    linear(get(0), r_in, &g.weight(*weight).data, &mut o);
                     (o, r_in)
                 }
                 Op::Rope {

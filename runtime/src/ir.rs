@@ -7,10 +7,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RuntimeError};
+use crate::format::WeightFormat;
+use crate::packed::PackedWeight;
 use crate::tensor::Tensor;
 
 /// Hyper-parameters of a LLaMA-family model, independent of the file it came from.
@@ -91,11 +94,104 @@ pub struct WeightId(pub usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ValueId(pub usize);
 
-/// A named weight. Its storage format is part of its type (`tensor.dtype` for dense weights).
+/// A named weight. Its storage format is part of its type: a dense tensor's dtype, or a
+/// packed quantized / sparse format.
 #[derive(Debug, Clone)]
 pub struct Weight {
     pub name: String,
-    pub tensor: Tensor,
+    pub data: WeightData,
+}
+
+/// The storage of a weight.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    /// f32, f16 or bf16 values (any rank).
+    Dense(Tensor),
+    /// A `[rows, cols]` matrix in a packed format (linear weights and embedding tables).
+    Packed(Arc<PackedWeight>),
+}
+
+impl WeightData {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            WeightData::Dense(t) => &t.shape,
+            WeightData::Packed(p) => p.shape(),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+    /// The storage format (`Dense { dtype }` for a tensor).
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            WeightData::Dense(t) => WeightFormat::Dense { dtype: t.dtype },
+            WeightData::Packed(p) => p.format().clone(),
+        }
+    }
+    /// Exact bytes of storage.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            WeightData::Dense(t) => t.nbytes(),
+            WeightData::Packed(p) => p.storage_bytes(),
+        }
+    }
+    /// Whether the bytes are ranges of a memory-mapped file.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            WeightData::Dense(t) => t.is_mapped(),
+            WeightData::Packed(p) => p.is_mapped(),
+        }
+    }
+    /// The dense tensor, if the weight is dense.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            WeightData::Dense(t) => Some(t),
+            WeightData::Packed(_) => None,
+        }
+    }
+    pub fn packed(&self) -> Option<&PackedWeight> {
+        match self {
+            WeightData::Dense(_) => None,
+            WeightData::Packed(p) => Some(p),
+        }
+    }
+    /// Row `r` of a matrix as f32 (dequantized, zeros where pruned). `r` must be in range
+    /// and `out` as long as a row.
+    pub fn read_row_f32(&self, r: usize, out: &mut [f32]) {
+        match self {
+            WeightData::Dense(t) => t.read_f32(r * out.len(), out),
+            WeightData::Packed(p) => p.decode_row_unchecked(r, out),
+        }
+    }
+    /// All values as f32, row-major (dequantized for packed formats).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            WeightData::Dense(t) => t.to_f32_vec(),
+            WeightData::Packed(p) => p.to_f32_vec(),
+        }
+    }
+}
+
+impl Weight {
+    pub fn new_dense(name: impl Into<String>, tensor: Tensor) -> Weight {
+        Weight {
+            name: name.into(),
+            data: WeightData::Dense(tensor),
+        }
+    }
+    pub fn new_packed(name: impl Into<String>, packed: PackedWeight) -> Weight {
+        Weight {
+            name: name.into(),
+            data: WeightData::Packed(Arc::new(packed)),
+        }
+    }
+    /// The dense tensor, if the weight is dense.
+    pub fn tensor(&self) -> Option<&Tensor> {
+        self.data.dense()
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.data.shape()
+    }
 }
 
 /// An activation value: `[rows, width]`, f32.
@@ -206,9 +302,9 @@ impl Graph {
         (first <= last).then_some(first..last + 1)
     }
 
-    /// Total bytes of weight storage (shared tensors counted once).
+    /// Total bytes of weight storage (each weight counted once, whatever its users).
     pub fn weight_bytes(&self) -> usize {
-        self.weights.iter().map(|w| w.tensor.nbytes()).sum()
+        self.weights.iter().map(|w| w.data.storage_bytes()).sum()
     }
 
     /// Checks that the graph is well formed: ids in range, values defined once before
@@ -271,36 +367,52 @@ impl Graph {
             match &node.op {
                 Op::Embedding { table } => {
                     let w = weight(*table)?;
-                    if w.tensor.shape != [c.vocab_size, out_w] {
+                    if w.shape() != [c.vocab_size, out_w] {
                         return err(
                             node,
                             format!(
                                 "table `{}` has shape {:?}, expected [{}, {out_w}]",
-                                w.name, w.tensor.shape, c.vocab_size
+                                w.name,
+                                w.shape(),
+                                c.vocab_size
                             ),
                         );
                     }
                 }
                 Op::RmsNorm { weight: wid, .. } => {
                     let w = weight(*wid)?;
-                    if w.tensor.shape != [in_w[0]] || out_w != in_w[0] {
+                    if w.tensor().is_none() {
+                        return err(
+                            node,
+                            format!(
+                                "weight `{}` is {}; norms need a dense weight",
+                                w.name,
+                                w.data.format()
+                            ),
+                        );
+                    }
+                    if w.shape() != [in_w[0]] || out_w != in_w[0] {
                         return err(
                             node,
                             format!(
                                 "weight `{}` has shape {:?} for width {}",
-                                w.name, w.tensor.shape, in_w[0]
+                                w.name,
+                                w.shape(),
+                                in_w[0]
                             ),
                         );
                     }
                 }
                 Op::Linear { weight: wid } => {
                     let w = weight(*wid)?;
-                    if w.tensor.shape != [out_w, in_w[0]] {
+                    if w.shape() != [out_w, in_w[0]] {
                         return err(
                             node,
                             format!(
                                 "weight `{}` has shape {:?}, expected [{out_w}, {}]",
-                                w.name, w.tensor.shape, in_w[0]
+                                w.name,
+                                w.shape(),
+                                in_w[0]
                             ),
                         );
                     }
@@ -370,7 +482,7 @@ impl fmt::Display for Graph {
                 }
                 Op::Linear { weight } => {
                     let w = &self.weights[weight.0];
-                    format!("weight={} {:?} {}", w.name, w.tensor.shape, w.tensor.dtype)
+                    format!("weight={} {:?} {}", w.name, w.shape(), w.data.format())
                 }
                 Op::Rope {
                     heads,

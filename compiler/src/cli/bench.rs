@@ -82,7 +82,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .graph()
         .weights
         .iter()
-        .map(|w| w.tensor.dtype.to_string())
+        .map(|w| w.data.format().to_string())
         .collect();
     let pp_m = if pp.is_empty() {
         None

@@ -33,8 +33,8 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         e.1 += t.bytes;
     }
     let file_bytes: u64 = m.source_tensors.iter().map(|t| t.bytes).sum();
-    let params: usize = g.weights.iter().map(|w| w.tensor.numel()).sum();
-    let mapped = g.weights.iter().filter(|w| w.tensor.is_mapped()).count();
+    let params: usize = g.weights.iter().map(|w| w.data.numel()).sum();
+    let mapped = g.weights.iter().filter(|w| w.data.is_mapped()).count();
     if a.json {
         let doc = json!({
             "path": a.model.display().to_string(),

@@ -58,10 +58,7 @@ impl Builder {
             });
         }
         let id = WeightId(self.weights.len());
-        self.weights.push(Weight {
-            name: name.to_string(),
-            tensor,
-        });
+        self.weights.push(Weight::new_dense(name, tensor));
         self.by_name.insert(name.to_string(), id);
         Ok(id)
     }

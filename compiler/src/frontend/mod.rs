@@ -10,7 +10,7 @@ pub mod safetensors;
 
 use std::path::Path;
 
-use edge_runtime::ir::Graph;
+use edge_runtime::ir::{Graph, WeightData};
 use edge_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -97,8 +97,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     };
     if let Some(dt) = opts.dtype {
         for w in &mut model.graph.weights {
-            if w.tensor.dtype != dt {
-                w.tensor = w.tensor.convert(dt)?;
+            if let WeightData::Dense(t) = &mut w.data
+                && t.dtype != dt
+            {
+                *t = t.convert(dt)?;
             }
         }
     }

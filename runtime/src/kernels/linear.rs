@@ -1,15 +1,18 @@
-//! `y = x W^T` for a dense weight `W` of shape `[n, k]` (f32, f16 or bf16) and f32
-//! activations `x` of shape `[rows, k]`.
+//! `y = x W^T` for a weight `W` of shape `[n, k]` (dense f32, f16 or bf16, or packed
+//! quantized / sparse) and f32 activations `x` of shape `[rows, k]`; and the product with
+//! the transposed weight, `dx = dy W` (for backward passes).
 //!
 //! - One or a few rows (decode): a dot product per output, parallel over output rows.
+//!   A packed row is first decoded to f32 (per-thread scratch), then the SIMD f32 dot.
 //! - Many rows (prefill, evaluation): the output is cut into tiles of
-//!   (token rows x weight rows); each tile converts its weight rows to f32 once (amortised
-//!   over all the tile's tokens) and multiplies with the `gemm` crate. Tiles run in
-//!   parallel on the rayon pool.
+//!   (token rows x weight rows); each tile converts (or decodes) its weight rows to f32 once
+//!   (amortised over all the tile's tokens) and multiplies with the `gemm` crate. Tiles run
+//!   in parallel on the rayon pool.
 
 use rayon::prelude::*;
 
 use super::dot::{Row, dot};
+use crate::ir::WeightData;
 use crate::tensor::{DType, Tensor};
 
 /// Below this many rows a product is done as independent dot products.
@@ -30,9 +33,36 @@ pub fn weight_row(w: &Tensor, j: usize, k: usize) -> Row<'_> {
     }
 }
 
-/// Computes `out[rows, n] = x[rows, k] W^T`. `w.shape` must be `[n, k]`.
-pub fn linear(x: &[f32], rows: usize, w: &Tensor, out: &mut [f32]) {
-    let (n, k) = (w.shape[0], w.shape[1]);
+/// `[n, k]` of a matrix weight.
+fn dims(w: &WeightData) -> (usize, usize) {
+    let s = w.shape();
+    assert_eq!(s.len(), 2, "linear: weight of shape {s:?} is not a matrix");
+    (s[0], s[1])
+}
+
+/// Weight rows `j0..j1` as contiguous f32 `[j1 - j0, k]`: borrowed for f32 weights,
+/// converted or decoded into `scratch` otherwise.
+fn rows_f32<'a>(w: &'a WeightData, j0: usize, j1: usize, k: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    match w {
+        WeightData::Dense(t) if t.dtype == DType::F32 => &t.f32s().unwrap()[j0 * k..j1 * k],
+        WeightData::Dense(t) => {
+            scratch.resize((j1 - j0) * k, 0.0);
+            t.read_f32(j0 * k, scratch);
+            scratch
+        }
+        WeightData::Packed(p) => {
+            scratch.resize((j1 - j0) * k, 0.0);
+            for (j, o) in (j0..j1).zip(scratch.chunks_exact_mut(k)) {
+                p.decode_row_unchecked(j, o);
+            }
+            scratch
+        }
+    }
+}
+
+/// Computes `out[rows, n] = x[rows, k] W^T`. `w` must be a matrix `[n, k]`.
+pub fn linear(x: &[f32], rows: usize, w: &WeightData, out: &mut [f32]) {
+    let (n, k) = dims(w);
     assert_eq!(
         x.len(),
         rows * k,
@@ -57,15 +87,91 @@ pub fn linear(x: &[f32], rows: usize, w: &Tensor, out: &mut [f32]) {
     }
 }
 
-fn matvec(x: &[f32], w: &Tensor, k: usize, out: &mut [f32]) {
+fn matvec(x: &[f32], w: &WeightData, k: usize, out: &mut [f32]) {
     // About 16 chunks per thread keeps the pool busy without much scheduling cost.
     let chunk = (out.len() / (16 * rayon::current_num_threads())).clamp(16, 1024);
-    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-        let base = c * chunk;
-        for (j, y) in o.iter_mut().enumerate() {
-            *y = dot(weight_row(w, base + j, k), x);
+    match w {
+        WeightData::Dense(t) => out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            let base = c * chunk;
+            for (j, y) in o.iter_mut().enumerate() {
+                *y = dot(weight_row(t, base + j, k), x);
+            }
+        }),
+        WeightData::Packed(p) => {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each_init(Vec::<f32>::new, |row, (c, o)| {
+                    row.resize(k, 0.0);
+                    let base = c * chunk;
+                    for (j, y) in o.iter_mut().enumerate() {
+                        p.decode_row_unchecked(base + j, row);
+                        *y = dot(Row::F32(row), x);
+                    }
+                })
         }
-    });
+    }
+}
+
+/// Computes `dx[rows, k] = dy[rows, n] W` for a matrix weight `W` of shape `[n, k]`: the
+/// product with the transposed weight (the input gradient of `y = x W^T`).
+pub fn linear_transposed(dy: &[f32], rows: usize, w: &WeightData, dx: &mut [f32]) {
+    let (n, k) = dims(w);
+    assert_eq!(
+        dy.len(),
+        rows * n,
+        "linear_transposed: dy has {} values, expected {rows}x{n}",
+        dy.len()
+    );
+    assert_eq!(
+        dx.len(),
+        rows * k,
+        "linear_transposed: dx has {} values, expected {rows}x{k}",
+        dx.len()
+    );
+    dx.fill(0.0);
+    if rows == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let mut scratch = Vec::new();
+    // Weight rows are consumed TILE_N at a time (decoded once each); gemm parallelises
+    // every tile's product, accumulating into dx.
+    let par = if rows * k * TILE_N >= 1 << 16 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    for j0 in (0..n).step_by(TILE_N) {
+        let j1 = (j0 + TILE_N).min(n);
+        let wf = rows_f32(w, j0, j1, k, &mut scratch);
+        // SAFETY: dx is rows x k (row stride k, column stride 1), written only here;
+        // lhs(i, j) = dy[i*n + j0 + j] for i < rows, j < j1 - j0 (in bounds: j0 + j < n);
+        // rhs(j, c) = wf[j*k + c] for j < j1 - j0, c < k (wf holds (j1 - j0) * k values).
+        // dst = alpha * dst + beta * lhs * rhs with alpha = 1 (accumulate) from the second
+        // tile on; dx was zeroed, so alpha = 1 is right for the first tile too.
+        unsafe {
+            gemm::gemm(
+                rows,
+                k,
+                j1 - j0,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                true,
+                dy.as_ptr().add(j0),
+                1,
+                n as isize,
+                wf.as_ptr(),
+                1,
+                k as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
 }
 
 /// A raw output pointer that tiles share; each tile writes a disjoint rectangle.
@@ -76,7 +182,7 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-fn matmul_tiled(x: &[f32], rows: usize, w: &Tensor, n: usize, k: usize, out: &mut [f32]) {
+fn matmul_tiled(x: &[f32], rows: usize, w: &WeightData, n: usize, k: usize, out: &mut [f32]) {
     let threads = rayon::current_num_threads();
     let tn = TILE_N.min(n);
     let n_tiles = n.div_ceil(tn);
@@ -93,14 +199,7 @@ fn matmul_tiled(x: &[f32], rows: usize, w: &Tensor, n: usize, k: usize, out: &mu
             let (i0, i1) = (it * tm, ((it + 1) * tm).min(rows));
             let nb = j1 - j0;
             // The weight rows j0..j1 as f32, contiguous [nb, k].
-            let wf: &[f32] = match w.dtype {
-                DType::F32 => &w.f32s().unwrap()[j0 * k..j1 * k],
-                _ => {
-                    scratch.resize(nb * k, 0.0);
-                    w.read_f32(j0 * k, scratch);
-                    scratch
-                }
-            };
+            let wf = rows_f32(w, j0, j1, k, scratch);
             let xs = &x[i0 * k..i1 * k];
             let d = dst;
             // SAFETY: dst points to `out` of rows*n f32; this tile writes rows i0..i1, columns
@@ -134,7 +233,11 @@ fn matmul_tiled(x: &[f32], rows: usize, w: &Tensor, n: usize, k: usize, out: &mu
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::format::{QuantScheme, QuantSpec, SparsePattern, ValueFormat};
+    use crate::packed::PackedWeight;
 
     fn reference(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut o = vec![0.0; rows * n];
@@ -166,13 +269,127 @@ mod tests {
                 let w = w32.convert(dt).unwrap();
                 let want = reference(&x, rows, &w.to_f32_vec(), n, k);
                 let mut got = vec![f32::NAN; rows * n];
-                linear(&x, rows, &w, &mut got);
+                linear(&x, rows, &WeightData::Dense(w), &mut got);
                 for (a, b) in got.iter().zip(&want) {
                     assert!(
                         (a - b).abs() < 1e-4 * (1.0 + b.abs()),
                         "{rows}x{n}x{k} {dt}: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i * 2654435761 + seed * 40503) % 1000003;
+                (h % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The packed formats the executor runs, one of each kind: every sparsity pattern
+    /// with f16 and quantized values, and quantization alone at every bit-width.
+    fn packed_weights(n: usize, k: usize) -> Vec<PackedWeight> {
+        let w = values(n * k, 7);
+        let specs = [
+            (2, 32, QuantScheme::Asym),
+            (3, 64, QuantScheme::Sym),
+            (4, 128, QuantScheme::Asym),
+            (8, 32, QuantScheme::Sym),
+        ]
+        .map(|(bits, group, scheme)| QuantSpec { bits, group, scheme });
+        let mut out: Vec<PackedWeight> = specs
+            .iter()
+            .map(|q| PackedWeight::pack_quant(n, k, &w, *q).unwrap())
+            .collect();
+        let unstructured: Vec<bool> = (0..n * k).map(|i| (i * 7919) % 10 < 4).collect();
+        // n:m masks keeping the first n of every block, shifted per block.
+        let nm = |nn: usize, m: usize| -> Vec<bool> {
+            (0..n * k)
+                .map(|i| ((i % m) + i / m) % m < nn)
+                .collect::<Vec<bool>>()
+        };
+        for (pattern, mask) in [
+            (SparsePattern::Unstructured, unstructured),
+            (SparsePattern::NofM { n: 2, m: 4 }, nm(2, 4)),
+            (SparsePattern::NofM { n: 4, m: 8 }, nm(4, 8)),
+        ] {
+            for vf in [
+                ValueFormat::F16,
+                ValueFormat::Quant(specs[0]),
+                ValueFormat::Quant(specs[1]),
+            ] {
+                out.push(PackedWeight::pack_sparse(n, k, &w, &mask, pattern, vf).unwrap());
+            }
+        }
+        out
+    }
+
+    /// `|a - b| <= 1e-5 * sum_t |x_t w_t|`: relative to the magnitude of the products summed.
+    fn assert_close(got: &[f32], want: &[f32], scale: &[f32], what: &str) {
+        for (i, ((a, b), s)) in got.iter().zip(want).zip(scale).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * s.max(1e-6),
+                "{what} [{i}]: {a} vs {b} (scale {s})"
+            );
+        }
+    }
+
+    #[test]
+    fn packed_matvec_and_gemm_equal_dequantize_then_dense() {
+        for &(rows, n, k) in &[(1, 37, 40), (3, 261, 200), (5, 19, 264), (70, 300, 136)] {
+            let x = values(rows * k, 3);
+            for p in packed_weights(n, k) {
+                let what = format!("{} {rows}x{n}x{k}", p.format());
+                let dq = p.to_f32_vec();
+                let absx: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+                let absw: Vec<f32> = dq.iter().map(|v| v.abs()).collect();
+                let scale = reference(&absx, rows, &absw, n, k);
+                let want = reference(&x, rows, &dq, n, k);
+                let mut dense = vec![f32::NAN; rows * n];
+                linear(
+                    &x,
+                    rows,
+                    &WeightData::Dense(Tensor::from_f32(vec![n, k], dq).unwrap()),
+                    &mut dense,
+                );
+                let mut got = vec![f32::NAN; rows * n];
+                linear(&x, rows, &WeightData::Packed(Arc::new(p)), &mut got);
+                assert_close(&got, &want, &scale, &what);
+                assert_close(&got, &dense, &scale, &what);
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_product_for_dense_and_packed() {
+        for &(rows, n, k) in &[(1, 37, 40), (4, 300, 72), (9, 600, 200)] {
+            let dy = values(rows * n, 5);
+            let mut weights: Vec<WeightData> = packed_weights(n, k)
+                .into_iter()
+                .map(|p| WeightData::Packed(Arc::new(p)))
+                .collect();
+            let t = Tensor::from_f32(vec![n, k], values(n * k, 9)).unwrap();
+            weights.push(WeightData::Dense(t.convert(DType::F16).unwrap()));
+            weights.push(WeightData::Dense(t));
+            for w in weights {
+                let wf = w.to_f32_vec();
+                // dy W = dy (W^T)^T: the reference with the transposed weight [k, n].
+                let mut wt = vec![0.0; n * k];
+                for j in 0..n {
+                    for c in 0..k {
+                        wt[c * n + j] = wf[j * k + c];
+                    }
+                }
+                let want = reference(&dy, rows, &wt, k, n);
+                let absdy: Vec<f32> = dy.iter().map(|v| v.abs()).collect();
+                let abswt: Vec<f32> = wt.iter().map(|v| v.abs()).collect();
+                let scale = reference(&absdy, rows, &abswt, k, n);
+                let mut got = vec![f32::NAN; rows * k];
+                linear_transposed(&dy, rows, &w, &mut got);
+                assert_close(&got, &want, &scale, &format!("{} {rows}x{n}x{k}", w.format()));
             }
         }
     }

@@ -6,4 +6,4 @@
 pub mod dot;
 pub mod linear;
 
-pub use linear::linear;
+pub use linear::{linear, linear_transposed};
