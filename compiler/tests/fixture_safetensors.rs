@@ -8,7 +8,11 @@ use edgec::frontend::{LoadOptions, load};
 fn logits_and_hidden_states_match_transformers() {
     let model = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
     assert!(
-        model.graph.weights.iter().all(|w| w.tensor().unwrap().is_mapped()),
+        model
+            .graph
+            .weights
+            .iter()
+            .all(|w| w.tensor().unwrap().is_mapped()),
         "safetensors weights must be mapped, not copied"
     );
     common::check_against_transformers(&model);

@@ -116,7 +116,12 @@ fn smollm2_through_the_generic_loader_with_a_dtype() {
         dtype: Some(DType::BF16),
     };
     let m = load(&smollm2(), &opts).unwrap();
-    assert!(m.graph.weights.iter().all(|w| w.tensor().unwrap().dtype == DType::BF16));
+    assert!(
+        m.graph
+            .weights
+            .iter()
+            .all(|w| w.tensor().unwrap().dtype == DType::BF16)
+    );
     assert_eq!(m.graph.config.num_layers, 30);
 }
 
@@ -184,7 +189,12 @@ fn tiny_llama_gguf_equals_its_safetensors_original() {
         let same = want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same, "{}: values differ from the safetensors original", w.name);
         let qk = w.name.ends_with("q_proj.weight") || w.name.ends_with("k_proj.weight");
-        assert_eq!(g.tensor().unwrap().is_mapped(), !qk, "{}: only q/k are copied", w.name);
+        assert_eq!(
+            g.tensor().unwrap().is_mapped(),
+            !qk,
+            "{}: only q/k are copied",
+            w.name
+        );
         permuted += qk as usize;
     }
     assert_eq!(permuted, 8);

@@ -130,18 +130,8 @@ fn onnx_without_config_json_infers_the_config() {
     assert_eq!(c.rope_theta, w.rope_theta);
     assert_eq!(c.rms_norm_eps.to_bits(), w.rms_norm_eps.to_bits());
     assert_eq!(
-        (
-            c.vocab_size,
-            c.hidden_size,
-            c.intermediate_size,
-            c.num_layers
-        ),
-        (
-            w.vocab_size,
-            w.hidden_size,
-            w.intermediate_size,
-            w.num_layers
-        )
+        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers),
+        (w.vocab_size, w.hidden_size, w.intermediate_size, w.num_layers)
     );
     assert_eq!(
         (c.num_heads, c.num_kv_heads, c.head_dim),
@@ -158,11 +148,7 @@ fn onnx_without_config_json_infers_the_config() {
 #[test]
 fn onnx_config_json_contradicting_the_graph_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture_dir().join("model.onnx"),
-        tmp.path().join("model.onnx"),
-    )
-    .unwrap();
+    std::fs::copy(fixture_dir().join("model.onnx"), tmp.path().join("model.onnx")).unwrap();
     let cfg = std::fs::read_to_string(fixture_dir().join("config.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     for (key, value, needle) in [
@@ -226,11 +212,7 @@ fn onnx_external_data_is_mapped_and_equal() {
     let p = write_model(tmp.path(), &m);
     // The model file itself no longer holds the weights.
     assert!(std::fs::metadata(&p).unwrap().len() < 200_000);
-    std::fs::copy(
-        fixture_dir().join("config.json"),
-        tmp.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixture_dir().join("config.json"), tmp.path().join("config.json")).unwrap();
 
     let got = load(&p).unwrap();
     assert_same_graph(&got.graph, &want);
@@ -248,10 +230,7 @@ fn onnx_external_data_is_mapped_and_equal() {
             "{name} is not mapped"
         );
     }
-    assert!(
-        got.metadata
-            .contains(&("external_data_files".into(), "1".into()))
-    );
+    assert!(got.metadata.contains(&("external_data_files".into(), "1".into())));
     let q = got
         .source_tensors
         .iter()
@@ -317,10 +296,7 @@ fn onnx_garbage_file_is_refused() {
     // An empty file decodes as an empty ModelProto, which is no model.
     std::fs::write(&p, b"").unwrap();
     let e = err_of(load(&p));
-    assert!(
-        e.contains("x.onnx") && e.contains("not an ONNX model"),
-        "{e}"
-    );
+    assert!(e.contains("x.onnx") && e.contains("not an ONNX model"), "{e}");
 }
 
 #[test]
@@ -348,24 +324,19 @@ fn load_altered(f: impl FnOnce(&mut ModelProto)) -> String {
 
 #[test]
 fn onnx_unsupported_op_type_names_the_node() {
-    let e = load_altered(|m| {
-        node_mut(m, "/model/model/layers.2/mlp/act_fn/Sigmoid").op_type = "Tanh".into()
-    });
+    let e = load_altered(|m| node_mut(m, "/model/model/layers.2/mlp/act_fn/Sigmoid").op_type = "Tanh".into());
     assert!(
         e.contains("ONNX node `/model/model/layers.2/mlp/act_fn/Sigmoid` (Tanh)")
             && e.contains("not supported"),
         "{e}"
     );
-    let e = load_altered(|m| {
-        node_mut(m, "/model/model/layers.0/self_attn/Softmax").op_type = "Erf".into()
-    });
+    let e = load_altered(|m| node_mut(m, "/model/model/layers.0/self_attn/Softmax").op_type = "Erf".into());
     assert!(
         e.contains("`/model/model/layers.0/self_attn/Softmax` (Erf)"),
         "{e}"
     );
-    let e = load_altered(|m| {
-        node_mut(m, "/model/model/layers.1/self_attn/Neg").domain = "com.microsoft".into()
-    });
+    let e =
+        load_altered(|m| node_mut(m, "/model/model/layers.1/self_attn/Neg").domain = "com.microsoft".into());
     assert!(
         e.contains("layers.1/self_attn/Neg") && e.contains("com.microsoft"),
         "{e}"
@@ -376,27 +347,23 @@ fn onnx_unsupported_op_type_names_the_node() {
 #[test]
 fn onnx_structural_mismatches_name_the_node() {
     // SiLU replaced by an op of a supported type.
-    let e = load_altered(|m| {
-        node_mut(m, "/model/model/layers.3/mlp/act_fn/Sigmoid").op_type = "Neg".into()
-    });
+    let e = load_altered(|m| node_mut(m, "/model/model/layers.3/mlp/act_fn/Sigmoid").op_type = "Neg".into());
     assert!(
         e.contains("`/model/model/layers.3/mlp/act_fn/Sigmoid` (Neg)") && e.contains("Sigmoid"),
         "{e}"
     );
 
     // Softmax replaced by Sigmoid.
-    let e = load_altered(|m| {
-        node_mut(m, "/model/model/layers.1/self_attn/Softmax").op_type = "Sigmoid".into()
-    });
+    let e =
+        load_altered(|m| node_mut(m, "/model/model/layers.1/self_attn/Softmax").op_type = "Sigmoid".into());
     assert!(
         e.contains("`/model/model/layers.1/self_attn/Softmax` (Sigmoid)"),
         "{e}"
     );
 
     // rotate_half without the negation: Neg -> Identity is still a valid ONNX graph.
-    let e = load_altered(|m| {
-        node_mut(m, "/model/model/layers.0/self_attn/Neg_1").op_type = "Identity".into()
-    });
+    let e =
+        load_altered(|m| node_mut(m, "/model/model/layers.0/self_attn/Neg_1").op_type = "Identity".into());
     assert!(
         e.contains("/model/model/layers.0/self_attn/Concat_4") && e.contains("Neg"),
         "{e}"
@@ -416,8 +383,7 @@ fn onnx_miswired_data_paths_are_refused() {
             "/model/model/layers.1/input_layernorm/Cast_output_0".into()
     });
     assert!(
-        e.contains("`/model/model/layers.1/Add_1`")
-            && e.contains("does not add the MLP's normalized input"),
+        e.contains("`/model/model/layers.1/Add_1`") && e.contains("does not add the MLP's normalized input"),
         "{e}"
     );
 
@@ -446,10 +412,7 @@ fn onnx_miswired_data_paths_are_refused() {
             .unwrap();
         t.raw_data = 1i64.to_le_bytes().to_vec();
     });
-    assert!(
-        e.contains("repeated 1 times") && e.contains("need 2"),
-        "{e}"
-    );
+    assert!(e.contains("repeated 1 times") && e.contains("need 2"), "{e}");
 }
 
 fn set_float_constant(m: &mut ModelProto, node: &str, value: f32) {
@@ -461,16 +424,13 @@ fn set_float_constant(m: &mut ModelProto, node: &str, value: f32) {
 #[test]
 fn onnx_wrong_constants_are_refused() {
     // One layer with another eps.
-    let e = load_altered(|m| {
-        set_float_constant(m, "/model/model/layers.2/input_layernorm/Constant_1", 1e-6)
-    });
+    let e = load_altered(|m| set_float_constant(m, "/model/model/layers.2/input_layernorm/Constant_1", 1e-6));
     assert!(
         e.contains("/model/model/layers.2/input_layernorm/Add") && e.contains("eps"),
         "{e}"
     );
     // Attention scale other than 1/sqrt(head_dim).
-    let e =
-        load_altered(|m| set_float_constant(m, "/model/model/layers.0/self_attn/Constant_56", 0.3));
+    let e = load_altered(|m| set_float_constant(m, "/model/model/layers.0/self_attn/Constant_56", 0.3));
     assert!(
         e.contains("/model/model/layers.0/self_attn/Mul_8") && e.contains("attention scale 0.3"),
         "{e}"
@@ -539,11 +499,7 @@ fn onnx_lm_head_equal_to_the_embedding_is_tied() {
     assert_eq!(g.weight(table).tensor().unwrap().raw(), emb.as_slice());
 
     // config.json saying untied keeps the (equal) separate head.
-    std::fs::copy(
-        fixture_dir().join("config.json"),
-        tmp.path().join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixture_dir().join("config.json"), tmp.path().join("config.json")).unwrap();
     let g = load(&p).unwrap().graph;
     assert!(!g.config.tie_word_embeddings);
     assert!(g.weight_id("lm_head.weight").is_some());
