@@ -22,6 +22,8 @@
 
 pub mod io;
 
+pub use io::{PackedFile, read_packed_safetensors, write_packed_safetensors};
+
 use std::fmt;
 use std::sync::Arc;
 
