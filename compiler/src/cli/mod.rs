@@ -4,6 +4,7 @@ mod bench;
 mod eval;
 mod generate;
 mod inspect;
+mod profile;
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed (tokens/s) and peak memory.
     Bench(bench::BenchArgs),
+    /// Measure each decoder layer's sensitivity to quantization and pruning (sensitivity.json,
+    /// SVG heatmap, table).
+    Profile(profile::ProfileArgs),
 }
 
 /// Runs the command inside a rayon pool of `--threads` workers (all cores by default), so
@@ -42,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => a.threads(),
         Command::Generate(a) => a.threads(),
         Command::Bench(a) => a.threads(),
+        Command::Profile(a) => a.threads(),
         Command::Inspect(_) => None,
     };
     if threads == Some(0) {
@@ -60,6 +65,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Profile(a) => profile::run(a),
     }
 }
 

@@ -7,7 +7,12 @@
 //!   optimal knapsack) and the `policy.toml` file.
 
 pub mod budget;
+pub mod calib;
 pub mod candidate;
+pub mod heatmap;
+pub mod profile;
+pub mod prune;
+pub mod quantize;
 pub mod policy;
 pub mod search;
 pub mod sensitivity;
