@@ -3,7 +3,9 @@
 //! the transposed weight, `dx = dy W` (for backward passes).
 //!
 //! - One or a few rows (decode): a dot product per output, parallel over output rows.
-//!   A packed row is first decoded to f32 (per-thread scratch), then the SIMD f32 dot.
+//!   A quantized row is a fused per-group dot (`scale * sum(q x) + min * sum(x)`, the group
+//!   sums of `x` computed once); a sparse row is decoded to f32 (per-thread scratch), then
+//!   the SIMD f32 dot.
 //! - Many rows (prefill, evaluation): the output is cut into tiles of
 //!   (token rows x weight rows); each tile converts (or decodes) its weight rows to f32 once
 //!   (amortised over all the tile's tokens) and multiplies with the `gemm` crate. Tiles run
@@ -97,18 +99,25 @@ fn matvec(x: &[f32], w: &WeightData, k: usize, out: &mut [f32]) {
                 *y = dot(weight_row(t, base + j, k), x);
             }
         }),
-        WeightData::Packed(p) => {
-            out.par_chunks_mut(chunk)
+        WeightData::Packed(p) => match p.group_sums(x) {
+            // Quantized rows: a fused per-group dot, no decoded row.
+            Some(xsums) => out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+                for (j, y) in o.iter_mut().enumerate() {
+                    *y = p.dot_quant_row(c * chunk + j, x, &xsums);
+                }
+            }),
+            // Sparse rows: decoded into per-thread scratch, then the SIMD dot.
+            None => out
+                .par_chunks_mut(chunk)
                 .enumerate()
                 .for_each_init(Vec::<f32>::new, |row, (c, o)| {
                     row.resize(k, 0.0);
-                    let base = c * chunk;
                     for (j, y) in o.iter_mut().enumerate() {
-                        p.decode_row_unchecked(base + j, row);
+                        p.decode_row_unchecked(c * chunk + j, row);
                         *y = dot(Row::F32(row), x);
                     }
-                })
-        }
+                }),
+        },
     }
 }
 

@@ -184,40 +184,63 @@ fn code_bytes(q: &QuantSpec, groups: usize) -> usize {
     groups * q.group as usize * q.bits as usize / 8
 }
 
-/// Unpacks the codes of one group (`q.group` codes, `bytes` = its packed bytes) into `out`
-/// (at most `q.group` long).
+/// Unpacks the codes of one whole group (`bytes`: its `group * bits / 8` packed bytes)
+/// into `out` (`group` long) as floats.
 #[inline]
-fn unpack_codes(bits: usize, bytes: &[u8], out: &mut [u32]) {
+fn unpack_codes(bits: usize, bytes: &[u8], out: &mut [f32]) {
     match bits {
         8 => {
             for (o, &b) in out.iter_mut().zip(bytes) {
-                *o = b as u32;
+                *o = b as f32;
             }
         }
         4 => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = (bytes[i / 2] >> (4 * (i & 1))) as u32 & 15;
+            for (o, &b) in out.chunks_exact_mut(2).zip(bytes) {
+                o[0] = (b & 15) as f32;
+                o[1] = (b >> 4) as f32;
             }
         }
         2 => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = (bytes[i / 4] >> (2 * (i & 3))) as u32 & 3;
+            for (o, &b) in out.chunks_exact_mut(4).zip(bytes) {
+                o[0] = (b & 3) as f32;
+                o[1] = ((b >> 2) & 3) as f32;
+                o[2] = ((b >> 4) & 3) as f32;
+                o[3] = (b >> 6) as f32;
             }
         }
         _ => {
             // Eight codes take exactly `bits` bytes.
             let mask = (1u64 << bits) - 1;
-            for (c, chunk) in out.chunks_mut(8).enumerate() {
+            for (chunk, src) in out.chunks_exact_mut(8).zip(bytes.chunks_exact(bits)) {
                 let mut v = 0u64;
-                for (t, &b) in bytes[c * bits..(c + 1) * bits].iter().enumerate() {
+                for (t, &b) in src.iter().enumerate() {
                     v |= (b as u64) << (8 * t);
                 }
                 for (i, o) in chunk.iter_mut().enumerate() {
-                    *o = ((v >> (bits * i)) & mask) as u32;
+                    *o = ((v >> (bits * i)) & mask) as f32;
                 }
             }
         }
     }
+}
+
+/// `sum a[i] * b[i]` with eight partial sums (vectorizes without `unsafe`).
+#[inline]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Packs codes (each `< 2^bits`) into `out` (`codes.len() * bits / 8` bytes, zeroed).
@@ -700,6 +723,44 @@ impl PackedWeight {
         }
     }
 
+    /// For a `Quant` weight: the sums of `x` (`cols` long) over each column group, the
+    /// second input of [`dot_quant_row`](Self::dot_quant_row). `None` for sparse formats.
+    pub fn group_sums(&self, x: &[f32]) -> Option<Vec<f32>> {
+        match self.format {
+            WeightFormat::Quant(q) => Some(x.chunks(q.group as usize).map(|c| c.iter().sum()).collect()),
+            _ => None,
+        }
+    }
+
+    /// `sum_j W[r, j] * x[j]` for a `Quant` weight without decoding the row: per group,
+    /// `scale * sum(q * x) + min * sum(x)` (symmetric: `min = -scale * 2^(bits-1)`), with
+    /// `xsums` from [`group_sums`](Self::group_sums). `r < rows`, `x.len() == cols`.
+    pub fn dot_quant_row(&self, r: usize, x: &[f32], xsums: &[f32]) -> f32 {
+        let WeightFormat::Quant(q) = self.format else {
+            panic!("dot_quant_row on a {} weight", self.format);
+        };
+        let g = q.group as usize;
+        let bits = q.bits as usize;
+        let gb = g * bits / 8;
+        let codes = self.bufs.qweight.as_ref().expect("verified").as_slice();
+        let scales = self.bufs.scales.as_ref().expect("verified").as_slice();
+        let mins = self.bufs.mins.as_ref().map(|b| b.as_slice());
+        let off = (1u32 << (bits - 1)) as f32;
+        let mut qs = [0f32; 128];
+        let mut acc = 0.0;
+        for (i, (xg, xs)) in x.chunks(g).zip(xsums).enumerate() {
+            let gi = self.group_start[r] + i;
+            let s = f16_at(scales, gi);
+            let m = match mins {
+                Some(mins) => f16_at(mins, gi),
+                None => -s * off,
+            };
+            unpack_codes(bits, &codes[gi * gb..(gi + 1) * gb], &mut qs[..g]);
+            acc += s * dot8(&qs[..xg.len()], xg) + m * xs;
+        }
+        acc
+    }
+
     /// Decodes the kept values of row `r` (in column order) into `out` (`kept(r)` long).
     fn decode_values(&self, r: usize, out: &mut [f32]) {
         match quant_spec(&self.format) {
@@ -718,7 +779,7 @@ impl PackedWeight {
                 let scales = self.bufs.scales.as_ref().expect("verified").as_slice();
                 let mins = self.bufs.mins.as_ref().map(|b| b.as_slice());
                 let off = (1u32 << (bits - 1)) as f32;
-                let mut qs = [0u32; 128];
+                let mut qs = [0f32; 128];
                 for (i, o) in out.chunks_mut(g).enumerate() {
                     let gi = self.group_start[r] + i;
                     let s = f16_at(scales, gi);
@@ -726,10 +787,9 @@ impl PackedWeight {
                         Some(mins) => f16_at(mins, gi),
                         None => -s * off,
                     };
-                    let qs = &mut qs[..o.len()];
-                    unpack_codes(bits, &codes[gi * gb..(gi + 1) * gb], qs);
+                    unpack_codes(bits, &codes[gi * gb..(gi + 1) * gb], &mut qs[..g]);
                     for (o, &c) in o.iter_mut().zip(qs.iter()) {
-                        *o = s * c as f32 + m;
+                        *o = s * c + m;
                     }
                 }
             }
