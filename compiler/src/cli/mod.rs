@@ -1,6 +1,7 @@
 //! Subcommands of `edgec`.
 
 mod bench;
+mod compress;
 mod eval;
 mod generate;
 mod inspect;
@@ -36,6 +37,8 @@ enum Command {
     /// Measure each decoder layer's sensitivity to quantization and pruning (sensitivity.json,
     /// SVG heatmap, table).
     Profile(profile::ProfileArgs),
+    /// Compress a model by a policy (quantize and prune each layer) and write the compressed model.
+    Compress(compress::CompressArgs),
 }
 
 /// Runs the command inside a rayon pool of `--threads` workers (all cores by default), so
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => a.threads(),
         Command::Bench(a) => a.threads(),
         Command::Profile(a) => a.threads(),
+        Command::Compress(a) => a.threads(),
         Command::Inspect(_) => None,
     };
     if threads == Some(0) {
@@ -66,6 +70,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Profile(a) => profile::run(a),
+        Command::Compress(a) => compress::run(a),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use edge_runtime::ir::{Graph, ModelConfig, Node, Op, ValueId, ValueInfo, Weight, WeightId, names};
+use edge_runtime::ir::{Graph, ModelConfig, Node, Op, ValueId, ValueInfo, Weight, WeightData, WeightId, names};
 use edge_runtime::tensor::Tensor;
 
 use super::error::{FrontendError, Result};
@@ -34,7 +34,7 @@ struct Builder {
     by_name: HashMap<String, WeightId>,
     values: Vec<ValueInfo>,
     nodes: Vec<Node>,
-    source: HashMap<String, Tensor>,
+    source: HashMap<String, WeightData>,
     path: String,
 }
 
@@ -43,22 +43,25 @@ impl Builder {
         if let Some(&id) = self.by_name.get(name) {
             return Ok(id);
         }
-        let tensor = self
+        let data = self
             .source
             .remove(name)
             .ok_or_else(|| FrontendError::MissingTensor {
                 path: self.path.clone(),
                 name: name.to_string(),
             })?;
-        if tensor.shape != shape {
+        if data.shape() != shape {
             return Err(FrontendError::BadTensor {
                 path: self.path.clone(),
                 name: name.to_string(),
-                msg: format!("shape {:?}, the config implies {shape:?}", tensor.shape),
+                msg: format!("shape {:?}, the config implies {shape:?}", data.shape()),
             });
         }
         let id = WeightId(self.weights.len());
-        self.weights.push(Weight::new_dense(name, tensor));
+        self.weights.push(Weight {
+            name: name.to_string(),
+            data,
+        });
         self.by_name.insert(name.to_string(), id);
         Ok(id)
     }
@@ -83,6 +86,12 @@ impl Builder {
 /// such as `rotary_emb.inv_freq` are ignored); `lm_head.weight` may be absent when the
 /// embeddings are tied. `path` names the source in error messages.
 pub fn build(config: ModelConfig, weights: HashMap<String, Tensor>, path: &str) -> Result<Graph> {
+    let weights = weights.into_iter().map(|(k, t)| (k, WeightData::Dense(t))).collect();
+    build_with(config, weights, path)
+}
+
+/// [`build`] for weights that may be packed (compressed models).
+pub fn build_with(config: ModelConfig, weights: HashMap<String, WeightData>, path: &str) -> Result<Graph> {
     config.validate()?;
     let c = config.clone();
     let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);

@@ -1,6 +1,7 @@
 //! Model frontends: HF safetensors directories, GGUF files and ONNX files, each producing
 //! the same IR graph (see `edge_runtime::ir`) plus the model's tokenizer.
 
+pub mod compressed;
 pub mod config;
 pub mod error;
 pub mod gguf;
@@ -23,6 +24,8 @@ pub enum SourceFormat {
     Safetensors,
     Gguf,
     Onnx,
+    /// A directory written by `edgec compress`.
+    Compressed,
 }
 
 /// One tensor as stored in the source file (for `edgec inspect`).
@@ -62,7 +65,9 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         path: p.clone(),
         source,
     })?;
-    let mut model = if meta.is_dir() {
+    let mut model = if meta.is_dir() && compressed::is_compressed_dir(path) {
+        compressed::load_dir(path)?
+    } else if meta.is_dir() {
         safetensors::load_dir(path)?
     } else {
         let ext = path

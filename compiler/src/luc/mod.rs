@@ -9,6 +9,7 @@
 pub mod budget;
 pub mod calib;
 pub mod candidate;
+pub mod compress;
 pub mod heatmap;
 pub mod profile;
 pub mod prune;
