@@ -4,8 +4,8 @@
 //!
 //! - One or a few rows (decode): a dot product per output, parallel over output rows.
 //!   A quantized row is a fused per-group dot (`scale * sum(q x) + min * sum(x)`, the group
-//!   sums of `x` computed once); a sparse row is decoded to f32 (per-thread scratch), then
-//!   the SIMD f32 dot.
+//!   sums of `x` computed once); a sparse row gathers `x` at its kept columns and dots
+//!   that with its decoded kept values.
 //! - Many rows (prefill, evaluation): the output is cut into tiles of
 //!   (token rows x weight rows); each tile converts (or decodes) its weight rows to f32 once
 //!   (amortised over all the tile's tokens) and multiplies with the `gemm` crate. Tiles run
@@ -106,17 +106,16 @@ fn matvec(x: &[f32], w: &WeightData, k: usize, out: &mut [f32]) {
                     *y = p.dot_quant_row(c * chunk + j, x, &xsums);
                 }
             }),
-            // Sparse rows: decoded into per-thread scratch, then the SIMD dot.
-            None => out
-                .par_chunks_mut(chunk)
-                .enumerate()
-                .for_each_init(Vec::<f32>::new, |row, (c, o)| {
-                    row.resize(k, 0.0);
-                    for (j, y) in o.iter_mut().enumerate() {
-                        p.decode_row_unchecked(c * chunk + j, row);
-                        *y = dot(Row::F32(row), x);
-                    }
-                }),
+            // Sparse rows: x gathered at the kept columns, dotted with the kept values.
+            None => {
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each_init(Vec::<f32>::new, |scratch, (c, o)| {
+                        for (j, y) in o.iter_mut().enumerate() {
+                            *y = p.dot_sparse_row(c * chunk + j, x, scratch);
+                        }
+                    })
+            }
         },
     }
 }

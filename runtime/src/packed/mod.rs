@@ -761,6 +761,51 @@ impl PackedWeight {
         acc
     }
 
+    /// `sum_j W[r, j] * x[j]` for a sparse weight: gathers `x` at the row's kept columns,
+    /// decodes the kept values, and dots the two (`scratch` is reused between calls).
+    /// `r < rows`, `x.len() == cols`.
+    pub fn dot_sparse_row(&self, r: usize, x: &[f32], scratch: &mut Vec<f32>) -> f32 {
+        let WeightFormat::Sparse { pattern, .. } = self.format else {
+            panic!("dot_sparse_row on a {} weight", self.format);
+        };
+        let cols = self.cols();
+        let k = self.kept(r);
+        scratch.resize(2 * k, 0.0);
+        let (xk, vals) = scratch.split_at_mut(k);
+        match pattern {
+            SparsePattern::Unstructured => {
+                let mb = cols.div_ceil(8);
+                let mask = &self.bufs.mask.as_ref().expect("verified").as_slice()[r * mb..(r + 1) * mb];
+                let mut t = 0;
+                for (byte, &b) in mask.iter().enumerate() {
+                    let mut bits = b;
+                    while bits != 0 {
+                        xk[t] = x[8 * byte + bits.trailing_zeros() as usize];
+                        bits &= bits - 1;
+                        t += 1;
+                    }
+                }
+            }
+            SparsePattern::NofM { n, m } => {
+                let (n, m) = (n as usize, m as usize);
+                let ib = SparsePattern::index_bits(m as u8);
+                let rb = (k * ib).div_ceil(8);
+                let index = &self.bufs.index.as_ref().expect("verified").as_slice()[r * rb..(r + 1) * rb];
+                let pmask = (1usize << ib) - 1;
+                for (t, xv) in xk.iter_mut().enumerate() {
+                    let p = if 8 % ib == 0 {
+                        (index[t * ib / 8] as usize >> (t * ib % 8)) & pmask
+                    } else {
+                        read_bits(index, t * ib, ib)
+                    };
+                    *xv = x[t / n * m + p];
+                }
+            }
+        }
+        self.decode_values(r, vals);
+        dot8(vals, xk)
+    }
+
     /// Decodes the kept values of row `r` (in column order) into `out` (`kept(r)` long).
     fn decode_values(&self, r: usize, out: &mut [f32]) {
         match quant_spec(&self.format) {
