@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The LUC measurement of docs/luc.md on SmolLM2-135M-Instruct: profile on the corpus's
+# train split, one policy per (budget, method), compress, and perplexity on test.txt
+# (ctx 512, llama.cpp protocol). Writes $OUT/luc.jsonl (one line per run) and prints a table.
+#
+#   SAMPLES=32 SEQ=512 CHUNKS=   scripts/luc-table.sh        # CHUNKS empty = the whole file
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-luc-out}
+SAMPLES=${SAMPLES:-32}
+SEQ=${SEQ:-512}
+CSAMPLES=${CSAMPLES:-$SAMPLES}
+CSEQ=${CSEQ:-$SEQ}
+CHUNKS=${CHUNKS:-}
+METHODS=${METHODS:-uniform edge-llm optimal}
+BUDGETS=${BUDGETS:-bits=3.5 bits=4,sparsity=0.3 bits=3,sparsity=0.5}
+mkdir -p "$OUT"
+cargo build --release --bin edgec
+E=target/release/edgec
+M=$(scripts/fetch-model.sh)
+chunks=(); [ -n "$CHUNKS" ] && chunks=(--chunks "$CHUNKS")
+if [ ! -f "$OUT/sensitivity.json" ]; then
+  /usr/bin/time -v $E profile --model "$M" --calib data/austen/train.txt --samples "$SAMPLES" --seq "$SEQ" \
+    -o "$OUT/sensitivity.json" 2> "$OUT/profile.time"
+fi
+: > "$OUT/luc.jsonl"
+for B in $BUDGETS; do
+  for METHOD in $METHODS; do
+    tag="$(echo "$B" | tr ',=' '__')-$METHOD"
+    if ! $E policy --profile "$OUT/sensitivity.json" --budget "$B" --method "$METHOD" -o "$OUT/$tag.toml" > "$OUT/$tag.policy.txt" 2>&1; then
+      echo "{\"budget\":\"$B\",\"method\":\"$METHOD\",\"error\":\"policy failed\"}" >> "$OUT/luc.jsonl"; continue
+    fi
+    $E compress --model "$M" --policy "$OUT/$tag.toml" --calib data/austen/train.txt \
+      --samples "$CSAMPLES" --seq "$CSEQ" -o "$OUT/$tag" --json > "$OUT/$tag.compress.json"
+    $E eval --model "$OUT/$tag" --text data/austen/test.txt --ctx 512 "${chunks[@]}" --json > "$OUT/$tag.eval.json"
+    python3 - "$B" "$METHOD" "$OUT/$tag.compress.json" "$OUT/$tag.eval.json" >> "$OUT/luc.jsonl" <<'PY'
+import json, sys
+b, m, c, e = sys.argv[1:5]
+c, e = json.load(open(c)), json.load(open(e))
+print(json.dumps({"budget": b, "method": m, "linear_bytes": c["linear_bytes"], "bits_per_weight": c["bits_per_weight"],
+                  "sparsity": c["sparsity"], "perplexity": e["perplexity"], "chunks": e["chunks"]}))
+PY
+    tail -n 1 "$OUT/luc.jsonl"
+  done
+done
