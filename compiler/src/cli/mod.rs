@@ -5,6 +5,7 @@ mod compress;
 mod eval;
 mod generate;
 mod inspect;
+mod policy;
 mod profile;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ enum Command {
     /// Measure each decoder layer's sensitivity to quantization and pruning (sensitivity.json,
     /// SVG heatmap, table).
     Profile(profile::ProfileArgs),
+    /// Choose a per-layer compression policy (bits, sparsity) from a sensitivity profile under a budget.
+    Policy(policy::PolicyArgs),
     /// Compress a model by a policy (quantize and prune each layer) and write the compressed model.
     Compress(compress::CompressArgs),
 }
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(a) => a.threads(),
         Command::Compress(a) => a.threads(),
         Command::Inspect(_) => None,
+        Command::Policy(_) => None,
     };
     if threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
@@ -70,6 +74,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Profile(a) => profile::run(a),
+        Command::Policy(a) => policy::run(a),
         Command::Compress(a) => compress::run(a),
     }
 }

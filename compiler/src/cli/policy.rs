@@ -1,0 +1,218 @@
+//! `edgec policy`: choose a per-layer compression policy from a sensitivity profile.
+
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use clap::{Args, ValueEnum};
+use edgec::luc::budget::Budget;
+use edgec::luc::policy::{LayerPolicy, Policy};
+use edgec::luc::search::{self, Method, Objective, Options, Problem, Solution};
+use edgec::luc::sensitivity::Sensitivity;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    Optimal,
+    EdgeLlm,
+    Uniform,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ObjectiveArg {
+    Nmse,
+    LossWeighted,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "BUDGETS (--budget key=value[,key=value...]; every constraint given must hold)\n  \
+bits=B       average quantization bit-width of the linear weights, weighted by each layer's parameter \
+count, at most B (codes only: scales, minima and sparse indices count in bytes)\n  \
+sparsity=S   overall fraction of pruned linear weights, weighted by parameters, at least S\n  \
+bytes=N      total exact storage bytes of the compressed linear weights (codes, f16 scales/minima, \
+masks or N:M indices, group padding; Candidate::estimated_bytes per linear with the profile's shapes), \
+at most N; units B, KB/MB/GB (1000^k), KiB/MiB/GiB (1024^k)\n  \
+e.g. --budget bits=4.5   --budget bits=4,sparsity=0.3   --budget bytes=60MB\n\n\
+METHODS\n  \
+optimal   multiple-choice knapsack minimizing the predicted error (sum over layers of the chosen \
+candidate's nmse) under all constraints; dynamic programming, exact when the resources fit \
+--max-states at their natural resolution, otherwise feasible with a proven lower bound (printed)\n  \
+edge-llm  the paper's heuristic: sparsity L*P*(1-s_i)/sum(1-s_j) from min-max-scaled mean pruning nmse; \
+layers above the mean quantization nmse get the high bit-width, the rest the base; (base, high) and P \
+chosen so the budget holds after snapping each layer to the nearest grid candidate of its bit-width\n  \
+uniform   the single grid candidate with the lowest predicted error that meets the budget on every \
+layer (no mixing: bits=3.5 on a {2,3,4,8} grid gives 3 bits)"
+)]
+pub struct PolicyArgs {
+    /// Sensitivity profile written by `edgec profile`.
+    #[arg(long)]
+    profile: PathBuf,
+    /// Budget, e.g. bits=4.5 | bits=4,sparsity=0.3 | bytes=60MB (see below).
+    #[arg(long, value_parser = Budget::parse)]
+    budget: Budget,
+    /// How to choose the per-layer candidates.
+    #[arg(long, value_enum, default_value = "optimal")]
+    method: MethodArg,
+    /// Predicted error: the sum of layer nmse, or each layer's nmse weighted by a per-layer
+    /// factor fitted on the profile's end-to-end loss deltas (a predicted loss increase).
+    #[arg(long, value_enum, default_value = "nmse")]
+    objective: ObjectiveArg,
+    /// Largest dynamic-programming table for `optimal` (states).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_states: usize,
+    /// Where to write policy.toml.
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// Print a JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
+    let text = super::read_text(&a.profile)?;
+    let profile = Sensitivity::from_json(&text).map_err(|e| anyhow!("{}: {e}", a.profile.display()))?;
+    let objective = match a.objective {
+        ObjectiveArg::Nmse => Objective::Nmse,
+        ObjectiveArg::LossWeighted => Objective::LossWeighted,
+    };
+    let method = match a.method {
+        MethodArg::Optimal => Method::Optimal,
+        MethodArg::EdgeLlm => Method::EdgeLlm,
+        MethodArg::Uniform => Method::Uniform,
+    };
+    if a.max_states < 2 {
+        anyhow::bail!("--max-states must be at least 2");
+    }
+    let problem = Problem::new(&profile, objective).map_err(|e| anyhow!("{}: {e}", a.profile.display()))?;
+    let opts = Options {
+        objective,
+        max_states: a.max_states,
+    };
+    let sol = search::search(&problem, &a.budget, method, &opts).map_err(|e| anyhow!(e))?;
+    let policy = to_policy(&profile, &a.budget, &sol);
+    policy.save(&a.output).map_err(|e| anyhow!(e))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report_json(&problem, &a.budget, &sol))?
+        );
+    } else {
+        print_report(&problem, &a.budget, &sol);
+        println!("wrote {}", a.output.display());
+    }
+    Ok(())
+}
+
+fn to_policy(profile: &Sensitivity, budget: &Budget, sol: &Solution) -> Policy {
+    let name = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let mut notes = vec![
+        format!(
+            "profile: {} quantizer, {} pruner",
+            profile.quantizer, profile.pruner
+        ),
+        format!("predicted error {:.6e} ({})", sol.error, objective_note(sol)),
+        format!(
+            "average bits {:.4}, sparsity {:.4}, bytes {}",
+            sol.usage.bits(),
+            sol.usage.sparsity(),
+            sol.usage.bytes.map_or("unknown".into(), |b| b.to_string())
+        ),
+    ];
+    notes.extend(sol.notes.iter().cloned());
+    Policy {
+        model: profile.model.clone(),
+        method: sol.method.name().to_string(),
+        budget: *budget,
+        layers: sol
+            .choice
+            .iter()
+            .enumerate()
+            .map(|(l, &c)| {
+                let candidate = profile.candidates[c];
+                LayerPolicy {
+                    index: l,
+                    candidate,
+                    quantizer: name(&profile.quantizer),
+                    pruner: if candidate.sparsity > 0.0 {
+                        name(&profile.pruner)
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect(),
+        notes,
+    }
+}
+
+fn objective_note(sol: &Solution) -> &'static str {
+    match sol.lower_bound {
+        Some(lb) if lb < sol.error => "optimal within the printed lower bound",
+        Some(_) => "optimal",
+        None => "not optimized",
+    }
+}
+
+fn print_report(problem: &Problem, budget: &Budget, sol: &Solution) {
+    let prof = problem.profile;
+    println!("{:>5}  {:<22} {:>12}", "layer", "candidate", "nmse");
+    for (l, &c) in sol.choice.iter().enumerate() {
+        println!(
+            "{:>5}  {:<22} {:>12.4e}",
+            l,
+            prof.candidates[c].label(),
+            prof.layers[l].nmse[c]
+        );
+    }
+    println!();
+    println!("method {}, budget {budget}", sol.method);
+    let lb = match sol.lower_bound {
+        Some(lb) if lb < sol.error => format!(" (optimum >= {lb:.6e})"),
+        Some(_) => " (optimal)".into(),
+        None => String::new(),
+    };
+    println!("predicted error {:.6e}{lb}", sol.error);
+    let bytes = sol
+        .usage
+        .bytes
+        .map_or("unknown (profile has no linear shapes)".into(), |b| {
+            format!("{b} ({:.2} MiB)", b as f64 / (1u64 << 20) as f64)
+        });
+    println!(
+        "average bits {:.4}, sparsity {:.4}, bytes {bytes}",
+        sol.usage.bits(),
+        sol.usage.sparsity()
+    );
+    for n in &sol.notes {
+        println!("{n}");
+    }
+}
+
+fn report_json(problem: &Problem, budget: &Budget, sol: &Solution) -> serde_json::Value {
+    let prof = problem.profile;
+    let layers: Vec<serde_json::Value> = sol
+        .choice
+        .iter()
+        .enumerate()
+        .map(|(l, &c)| {
+            serde_json::json!({
+                "layer": l,
+                "candidate": c,
+                "label": prof.candidates[c].label(),
+                "nmse": prof.layers[l].nmse[c],
+                "bits": prof.candidates[c].bits,
+                "sparsity": prof.candidates[c].sparsity,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "method": sol.method.name(),
+        "budget": budget.to_string(),
+        "predicted_error": sol.error,
+        "lower_bound": sol.lower_bound,
+        "bits": sol.usage.bits(),
+        "sparsity": sol.usage.sparsity(),
+        "bytes": sol.usage.bytes,
+        "notes": sol.notes,
+        "layers": layers,
+    })
+}

@@ -1,0 +1,653 @@
+//! Policy search (`edgec::luc::search`) and `edgec policy`: the knapsack against brute force,
+//! the edge-llm formula, optimal vs the other methods, infeasible budgets, the CLI.
+
+use std::process::{Command, Output};
+
+use edge_runtime::format::{QuantScheme, SparsePattern};
+use edgec::luc::budget::Budget;
+use edgec::luc::candidate::Candidate;
+use edgec::luc::policy::Policy;
+use edgec::luc::search::{self, Method, Objective, Options, Problem, knapsack};
+use edgec::luc::sensitivity::{Calibration, EndToEnd, LayerSensitivity, LinearSensitivity, Sensitivity};
+
+/// splitmix64: a small deterministic generator for random instances.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn cand(bits: u8, sparsity: f64) -> Candidate {
+    Candidate {
+        bits,
+        group: 32,
+        scheme: QuantScheme::Asym,
+        sparsity,
+        pattern: SparsePattern::Unstructured,
+    }
+}
+
+fn nm(bits: u8, n: u8, m: u8) -> Candidate {
+    Candidate {
+        bits,
+        group: 32,
+        scheme: QuantScheme::Sym,
+        sparsity: 1.0 - n as f64 / m as f64,
+        pattern: SparsePattern::NofM { n, m },
+    }
+}
+
+/// A profile with layer `l` made of the linears `shapes[l]` and the given nmse table.
+fn profile(candidates: Vec<Candidate>, shapes: &[Vec<(usize, usize)>], nmse: &[Vec<f64>]) -> Sensitivity {
+    Sensitivity {
+        model: "hand-made".into(),
+        calibration: Calibration {
+            file: "train.txt".into(),
+            samples: 4,
+            seq: 16,
+        },
+        quantizer: "rtn".into(),
+        pruner: "magnitude".into(),
+        candidates,
+        layers: shapes
+            .iter()
+            .zip(nmse)
+            .enumerate()
+            .map(|(i, (sh, n))| LayerSensitivity {
+                layer: i,
+                params: sh.iter().map(|(r, c)| r * c).sum(),
+                nmse: n.clone(),
+                linears: sh
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &(rows, cols))| LinearSensitivity {
+                        name: format!("lin{j}"),
+                        rows,
+                        cols,
+                        nmse: n.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        base_loss: 3.0,
+        end_to_end: vec![],
+    }
+}
+
+/// Brute force over every policy: the least error among those the budget admits.
+fn brute_force(problem: &Problem, budget: &Budget) -> Option<(f64, Vec<usize>)> {
+    let (nl, nc) = (problem.layers(), problem.candidates());
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    for code in 0..nc.pow(nl as u32) {
+        let choice: Vec<usize> = (0..nl).map(|l| code / nc.pow(l as u32) % nc).collect();
+        let (err, usage) = problem.evaluate(&choice);
+        if budget.admits(&usage) && best.as_ref().is_none_or(|b| err < b.0) {
+            best = Some((err, choice));
+        }
+    }
+    best
+}
+
+const POOL: [(u8, f64); 10] = [
+    (2, 0.0),
+    (3, 0.0),
+    (4, 0.0),
+    (8, 0.0),
+    (2, 0.3),
+    (3, 0.1),
+    (4, 0.5),
+    (8, 0.7),
+    (4, 0.2),
+    (3, 0.5),
+];
+
+fn random_instance(rng: &mut Rng, layers: usize, cands: usize) -> Sensitivity {
+    let mut candidates: Vec<Candidate> = Vec::new();
+    while candidates.len() < cands {
+        let c = if rng.below(6) == 0 {
+            nm([2, 3, 4, 8][rng.below(4) as usize], 2, 4)
+        } else {
+            let (b, s) = POOL[rng.below(POOL.len() as u64) as usize];
+            cand(b, s)
+        };
+        if !candidates.contains(&c) {
+            candidates.push(c);
+        }
+    }
+    let shapes: Vec<Vec<(usize, usize)>> = (0..layers)
+        .map(|_| {
+            (0..2)
+                .map(|_| {
+                    (
+                        [8, 16, 24][rng.below(3) as usize],
+                        [32, 64, 96][rng.below(3) as usize],
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let nmse: Vec<Vec<f64>> = (0..layers)
+        .map(|_| (0..cands).map(|_| rng.unit()).collect())
+        .collect();
+    profile(candidates, &shapes, &nmse)
+}
+
+/// Budgets around a random policy's usage (so most are feasible and bind), single and combined.
+fn random_budgets(rng: &mut Rng, problem: &Problem) -> Vec<Budget> {
+    let choice: Vec<usize> = (0..problem.layers())
+        .map(|_| rng.below(problem.candidates() as u64) as usize)
+        .collect();
+    let (_, u) = problem.evaluate(&choice);
+    let bits = (u.bits() * 100.0).round() / 100.0 + 0.01 * (rng.below(30) as f64 - 10.0);
+    let sparsity = ((u.sparsity() * 100.0).round() / 100.0 - 0.01 * rng.below(10) as f64).clamp(0.0, 0.9);
+    let bytes = (u.bytes.unwrap() as f64 * (0.9 + 0.2 * rng.unit())) as u64;
+    let b = |bits: Option<f64>, sparsity: Option<f64>, bytes: Option<u64>| Budget {
+        bits,
+        sparsity,
+        bytes,
+    };
+    vec![
+        b(Some(bits.max(0.5)), None, None),
+        b(None, Some(sparsity), None),
+        b(None, None, Some(bytes)),
+        b(Some(bits.max(0.5)), Some(sparsity), None),
+        b(Some(bits.max(0.5)), None, Some(bytes)),
+        b(Some(bits.max(0.5)), Some(sparsity), Some(bytes)),
+    ]
+}
+
+#[test]
+fn knapsack_returns_the_brute_force_optimum() {
+    let mut rng = Rng(7);
+    let (mut feasible, mut infeasible, mut inexact) = (0, 0, 0);
+    for _ in 0..60 {
+        let prof = random_instance(&mut rng, 5, 4);
+        let problem = Problem::new(&prof, Objective::Nmse).unwrap();
+        for budget in random_budgets(&mut rng, &problem) {
+            let brute = brute_force(&problem, &budget);
+            let got = search::search(&problem, &budget, Method::Optimal, &Options::default());
+            match (brute, got) {
+                (None, Err(_)) => infeasible += 1,
+                (None, Ok(s)) => panic!("budget {budget}: brute force finds nothing, search found {s:?}"),
+                (Some((e, c)), Err(msg)) => {
+                    panic!("budget {budget}: search failed ({msg}) but {c:?} has error {e}")
+                }
+                (Some((e, c)), Ok(s)) => {
+                    feasible += 1;
+                    assert!(budget.admits(&s.usage), "budget {budget}: {s:?} is over budget");
+                    assert!(
+                        (s.error - e).abs() <= 1e-12,
+                        "budget {budget}: optimal {} ({:?}) vs brute force {e} ({c:?})",
+                        s.error,
+                        s.choice
+                    );
+                    let lb = s.lower_bound.unwrap();
+                    if lb < s.error {
+                        inexact += 1;
+                    }
+                    assert!(lb <= e + 1e-12);
+                }
+            }
+        }
+    }
+    // The instances exercise both outcomes, and small instances are solved exactly.
+    assert!(
+        feasible > 200 && infeasible >= 5,
+        "feasible {feasible}, infeasible {infeasible}"
+    );
+    assert_eq!(inexact, 0);
+}
+
+#[test]
+fn coarse_knapsack_is_feasible_and_brackets_the_optimum() {
+    let mut rng = Rng(11);
+    let mut gaps = 0;
+    for _ in 0..40 {
+        let prof = random_instance(&mut rng, 5, 4);
+        let problem = Problem::new(&prof, Objective::Nmse).unwrap();
+        for budget in random_budgets(&mut rng, &problem) {
+            let Some((opt, _)) = brute_force(&problem, &budget) else {
+                continue;
+            };
+            let opts = Options {
+                max_states: 16,
+                ..Options::default()
+            };
+            match search::search(&problem, &budget, Method::Optimal, &opts) {
+                Ok(s) => {
+                    assert!(budget.admits(&s.usage), "budget {budget}: over budget");
+                    let lb = s.lower_bound.unwrap();
+                    assert!(
+                        lb <= opt + 1e-12 && opt <= s.error + 1e-12,
+                        "{lb} <= {opt} <= {}",
+                        s.error
+                    );
+                    if lb < s.error {
+                        gaps += 1;
+                        assert!(s.notes.iter().any(|n| n.contains("gap")), "{:?}", s.notes);
+                    }
+                }
+                // Too coarse to find a feasible policy: allowed, and it must say so.
+                Err(e) => assert!(e.contains("--max-states"), "{e}"),
+            }
+        }
+    }
+    assert!(gaps > 0, "the coarse table should be inexact somewhere");
+}
+
+#[test]
+fn optimal_is_never_worse_than_uniform_or_edge_llm() {
+    let mut rng = Rng(3);
+    let mut compared = 0;
+    for _ in 0..40 {
+        let prof = random_instance(&mut rng, 5, 4);
+        let problem = Problem::new(&prof, Objective::Nmse).unwrap();
+        for budget in random_budgets(&mut rng, &problem) {
+            let run = |m| search::search(&problem, &budget, m, &Options::default());
+            let (opt, uni, edge) = (run(Method::Optimal), run(Method::Uniform), run(Method::EdgeLlm));
+            for other in [&uni, &edge].into_iter().flatten() {
+                let o = opt
+                    .as_ref()
+                    .expect("optimal finds a policy whenever another method does");
+                assert!(
+                    budget.admits(&other.usage),
+                    "{} over budget {budget}",
+                    other.method
+                );
+                assert!(
+                    o.error <= other.error + 1e-12,
+                    "{budget}: optimal {} > {} {}",
+                    o.error,
+                    other.method,
+                    other.error
+                );
+                compared += 1;
+            }
+            // Uniform is the best single candidate that fits.
+            if let Ok(u) = &uni {
+                let best = (0..problem.candidates())
+                    .map(|c| problem.evaluate(&vec![c; problem.layers()]))
+                    .filter(|(_, us)| budget.admits(us))
+                    .map(|(e, _)| e)
+                    .fold(f64::INFINITY, f64::min);
+                assert_eq!(u.error, best);
+                assert!(u.choice.iter().all(|&c| c == u.choice[0]));
+            }
+        }
+    }
+    assert!(compared > 150, "{compared}");
+}
+
+/// Four equal layers; candidates 8b and 4b at sparsity 0, .2, .4, .6.
+fn edge_profile() -> Sensitivity {
+    let candidates = vec![
+        cand(8, 0.0),
+        cand(8, 0.2),
+        cand(8, 0.4),
+        cand(8, 0.6),
+        cand(4, 0.0),
+        cand(4, 0.2),
+        cand(4, 0.4),
+        cand(4, 0.6),
+    ];
+    let nmse = vec![
+        vec![0.001, 0.05, 0.1, 0.15, 0.010, 0.06, 0.11, 0.16],
+        vec![0.003, 0.15, 0.3, 0.45, 0.030, 0.18, 0.33, 0.48],
+        vec![0.001, 0.25, 0.5, 0.75, 0.010, 0.26, 0.51, 0.76],
+        vec![0.003, 0.45, 0.9, 1.35, 0.030, 0.48, 0.93, 1.38],
+    ];
+    profile(candidates, &vec![vec![(32, 64)]; 4], &nmse)
+}
+
+#[test]
+fn edge_llm_reproduces_the_published_formula() {
+    let prof = edge_profile();
+    let problem = Problem::new(&prof, Objective::Nmse).unwrap();
+    let budget = Budget::parse("bits=6,sparsity=0.3").unwrap();
+    let s = search::search(&problem, &budget, Method::EdgeLlm, &Options::default()).unwrap();
+    let d = s.edge_llm.as_ref().unwrap();
+    // m_i: mean nmse of the 8-bit sparse candidates (1, 2, 3); min-max scaled.
+    let m: Vec<f64> = prof
+        .layers
+        .iter()
+        .map(|l| (l.nmse[1] + l.nmse[2] + l.nmse[3]) / 3.0)
+        .collect();
+    for (a, b) in d.pruning_mse.iter().zip(&m) {
+        assert!((a - b).abs() < 1e-12);
+    }
+    let (lo, hi) = (0.1, 0.9);
+    let scaled: Vec<f64> = m.iter().map(|x| (x - lo) / (hi - lo)).collect();
+    let denom: f64 = scaled.iter().map(|s| 1.0 - s).sum();
+    assert!((d.p - 0.3).abs() < 1e-12);
+    for (i, t) in d.target_sparsity.iter().enumerate() {
+        let want = 4.0 * 0.3 * (1.0 - scaled[i]) / denom;
+        assert!((t - want).abs() < 1e-12, "layer {i}: {t} vs {want}");
+    }
+    // [0.533, 0.4, 0.267, 0]: mean exactly P.
+    assert!((d.target_sparsity.iter().sum::<f64>() / 4.0 - 0.3).abs() < 1e-12);
+    // Quantization: layers 1 and 3 have dense nmse above the mean -> high bits (8), others base 4.
+    assert_eq!(d.high, vec![false, true, false, true]);
+    assert_eq!((d.base_bits, d.high_bits), (4, 8));
+    // Snapped: 4b s0.6, 8b s0.4, 4b s0.2, 8b dense.
+    assert_eq!(s.choice, vec![7, 2, 5, 0]);
+    assert!((s.usage.bits() - 6.0).abs() < 1e-12 && (s.usage.sparsity() - 0.3).abs() < 1e-9);
+    assert!(s.notes.iter().any(|n| n.contains("snapped")), "{:?}", s.notes);
+
+    // Sparsity 0.32: snapping at P = 0.32 and 0.33 gives 0.3, so P is raised to 0.34.
+    let budget = Budget::parse("bits=6,sparsity=0.32").unwrap();
+    let s = search::search(&problem, &budget, Method::EdgeLlm, &Options::default()).unwrap();
+    let d = s.edge_llm.as_ref().unwrap();
+    assert!((d.p - 0.34).abs() < 1e-9, "P = {}", d.p);
+    assert_eq!(s.choice, vec![7, 2, 6, 0]);
+    assert!(
+        s.notes.iter().any(|n| n.contains("raised from 0.32")),
+        "{:?}",
+        s.notes
+    );
+
+    // Optimal does at least as well on both budgets.
+    for spec in [
+        "bits=6,sparsity=0.3",
+        "bits=6,sparsity=0.32",
+        "bits=5",
+        "sparsity=0.4",
+    ] {
+        let b = Budget::parse(spec).unwrap();
+        let run = |m| {
+            search::search(&problem, &b, m, &Options::default())
+                .unwrap()
+                .error
+        };
+        assert!(run(Method::Optimal) <= run(Method::EdgeLlm) + 1e-12, "{spec}");
+        assert!(run(Method::Optimal) <= run(Method::Uniform) + 1e-12, "{spec}");
+    }
+}
+
+#[test]
+fn infeasible_budgets_say_what_is_achievable() {
+    let prof = edge_profile();
+    let problem = Problem::new(&prof, Objective::Nmse).unwrap();
+    let err = |spec: &str, m| {
+        search::search(&problem, &Budget::parse(spec).unwrap(), m, &Options::default()).unwrap_err()
+    };
+    for m in [Method::Optimal, Method::EdgeLlm, Method::Uniform] {
+        let e = err("bits=3.5", m);
+        assert!(
+            e.contains("lowest average bit-width this grid allows is 4.0000"),
+            "{e}"
+        );
+        let e = err("sparsity=0.7", m);
+        assert!(
+            e.contains("highest overall sparsity this grid allows is 0.6000"),
+            "{e}"
+        );
+        let e = err("bytes=100", m);
+        assert!(e.contains("smallest policy on this grid takes"), "{e}");
+    }
+    // Fewer bytes than the smallest policy allows.
+    let min_bytes_4b_dense: u64 = 4 * cand(4, 0.0).estimated_bytes(32, 64) as u64;
+    let spec = format!("bits=4,bytes={}", min_bytes_4b_dense / 2);
+    let e = err(&spec, Method::Optimal);
+    assert!(e.contains("cannot be met"), "{e}");
+    // Joint infeasibility that each constraint alone would allow.
+    let joint = profile(
+        vec![cand(2, 0.0), cand(8, 0.5)],
+        &[vec![(8, 32)], vec![(8, 32)]],
+        &[vec![0.5, 0.1], vec![0.5, 0.1]],
+    );
+    let p = Problem::new(&joint, Objective::Nmse).unwrap();
+    let e = search::search(
+        &p,
+        &Budget::parse("bits=2,sparsity=0.5").unwrap(),
+        Method::Optimal,
+        &Options::default(),
+    )
+    .unwrap_err();
+    assert!(e.contains("not all of them at once"), "{e}");
+    // A budget only mixing can meet (one layer each): uniform says so, optimal meets it.
+    let b = Budget::parse("bits=5,sparsity=0.25").unwrap();
+    let e = search::search(&p, &b, Method::Uniform, &Options::default()).unwrap_err();
+    assert!(e.contains("no single candidate"), "{e}");
+    let s = search::search(&p, &b, Method::Optimal, &Options::default()).unwrap();
+    assert!(s.choice == vec![0, 1] || s.choice == vec![1, 0], "{:?}", s.choice);
+}
+
+#[test]
+fn inconsistent_profiles_are_rejected() {
+    let mut p = edge_profile();
+    p.layers[2].params += 1;
+    assert!(
+        Problem::new(&p, Objective::Nmse)
+            .unwrap_err()
+            .contains("layer 2: its linears hold 2048 weights")
+    );
+    let mut p = edge_profile();
+    p.layers[1].nmse[3] = f64::NAN;
+    assert!(
+        Problem::new(&p, Objective::Nmse)
+            .unwrap_err()
+            .contains("layer 1: nmse of candidate 3")
+    );
+    let mut p = edge_profile();
+    p.layers[3].linears.clear();
+    let problem = Problem::new(&p, Objective::Nmse).unwrap();
+    let e = search::search(
+        &problem,
+        &Budget::parse("bytes=1MB").unwrap(),
+        Method::Optimal,
+        &Options::default(),
+    )
+    .unwrap_err();
+    assert!(e.contains("layer 3 of the profile has no `linears`"), "{e}");
+    let mut p = edge_profile();
+    p.end_to_end.push(EndToEnd {
+        layer: 9,
+        candidate: 0,
+        loss_delta: 0.1,
+    });
+    assert!(
+        Problem::new(&p, Objective::Nmse)
+            .unwrap_err()
+            .contains("end_to_end entry (layer 9")
+    );
+}
+
+#[test]
+fn loss_weighted_objective_fits_per_layer_weights() {
+    let mut p = edge_profile();
+    // Layer 0's nmse costs 10x in loss, layers 1..3 cost 1x; layer 3 has no measurement.
+    for (layer, w) in [(0, 10.0), (1, 1.0), (2, 1.0)] {
+        for c in [3, 7] {
+            let n = p.layers[layer].nmse[c];
+            p.end_to_end.push(EndToEnd {
+                layer,
+                candidate: c,
+                loss_delta: w * n,
+            });
+        }
+    }
+    let problem = Problem::new(&p, Objective::LossWeighted).unwrap();
+    let want = [10.0, 1.0, 1.0, 4.0];
+    for (w, x) in problem.weights.iter().zip(want) {
+        assert!((w - x).abs() < 1e-9, "{:?}", problem.weights);
+    }
+    // Without deltas the objective is refused.
+    assert!(Problem::new(&edge_profile(), Objective::LossWeighted).is_err());
+    // Weighted, layer 0 is protected: it is pruned less than unweighted.
+    let b = Budget::parse("sparsity=0.3").unwrap();
+    let s = search::search(&problem, &b, Method::Optimal, &Options::default()).unwrap();
+    let plain = Problem::new(&p, Objective::Nmse).unwrap();
+    let u = search::search(&plain, &b, Method::Optimal, &Options::default()).unwrap();
+    assert!(
+        p.candidates[s.choice[0]].sparsity < p.candidates[u.choice[0]].sparsity,
+        "{:?} vs {:?}",
+        s.choice,
+        u.choice
+    );
+}
+
+#[test]
+fn knapsack_edge_cases() {
+    // No binding resource: each group's least-error item.
+    let error = vec![vec![3.0, 1.0], vec![0.5, 2.0]];
+    let cost = vec![vec![vec![1], vec![2]], vec![vec![1], vec![2]]];
+    let k = knapsack(&error, &cost, &[10], 1 << 10).unwrap().unwrap();
+    assert_eq!((k.choice, k.error, k.exact), (vec![1, 0], 1.5, true));
+    // Cheapest choices exceed the cap: infeasible.
+    assert!(knapsack(&error, &cost, &[1], 1 << 10).unwrap().is_none());
+    // Exactly at the cap.
+    let k = knapsack(&error, &cost, &[3], 1 << 10).unwrap().unwrap();
+    assert_eq!(k.choice, vec![1, 0]);
+}
+
+// ---- the CLI ----
+
+fn edgec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgec"))
+        .args(args)
+        .output()
+        .expect("run edgec")
+}
+
+fn write_profile(dir: &std::path::Path, p: &Sensitivity) -> String {
+    let path = dir.join("sensitivity.json");
+    std::fs::write(&path, serde_json::to_string_pretty(p).unwrap()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn cli_writes_a_policy_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let prof = write_profile(dir.path(), &edge_profile());
+    let out = dir.path().join("policy.toml");
+    let o = edgec(&[
+        "policy",
+        "--profile",
+        &prof,
+        "--budget",
+        "bits=6,sparsity=0.3",
+        "--method",
+        "edge-llm",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for want in [
+        "layer",
+        "4b-g32-asym-s0.60",
+        "8b-g32-asym-s0.40",
+        "predicted error 7.230000e-1",
+        "average bits 6.0000, sparsity 0.3000",
+        "bytes ",
+    ] {
+        assert!(stdout.contains(want), "stdout lacks `{want}`:\n{stdout}");
+    }
+    let policy = Policy::load(&out, Some(4)).unwrap();
+    assert_eq!(policy.method, "edge-llm");
+    assert_eq!(policy.budget, Budget::parse("bits=6,sparsity=0.3").unwrap());
+    let bits: Vec<u8> = policy.layers.iter().map(|l| l.candidate.bits).collect();
+    assert_eq!(bits, vec![4, 8, 4, 8]);
+    assert_eq!(policy.layers[0].pruner.as_deref(), Some("magnitude"));
+    assert_eq!(policy.layers[3].pruner, None);
+
+    // --json, optimal.
+    let o = edgec(&[
+        "policy",
+        "--profile",
+        &prof,
+        "--budget",
+        "bits=6,sparsity=0.3",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["method"], "optimal");
+    assert_eq!(v["layers"].as_array().unwrap().len(), 4);
+    assert!(v["predicted_error"].as_f64().unwrap() <= 0.723 + 1e-12);
+    assert_eq!(v["predicted_error"], v["lower_bound"]);
+    assert!(v["bits"].as_f64().unwrap() <= 6.0 && v["sparsity"].as_f64().unwrap() >= 0.3 - 1e-12);
+    assert!(v["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(Policy::load(&out, Some(4)).unwrap().method, "optimal");
+}
+
+fn assert_fails(o: &Output, code: i32, want: &[&str]) {
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "stderr: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+    for w in want {
+        assert!(e.contains(w), "stderr lacks `{w}`: {e}");
+    }
+}
+
+#[test]
+fn cli_bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let prof = write_profile(dir.path(), &edge_profile());
+    let out = dir.path().join("p.toml");
+    let out = out.to_str().unwrap();
+    let run =
+        |profile: &str, budget: &str| edgec(&["policy", "--profile", profile, "--budget", budget, "-o", out]);
+    assert_fails(
+        &run(&prof, "bits=3"),
+        1,
+        &[
+            "cannot be met",
+            "lowest average bit-width this grid allows is 4.0000",
+        ],
+    );
+    assert_fails(
+        &run(&prof, "bits=4,sparsity=0.9"),
+        1,
+        &["highest overall sparsity this grid allows is 0.6000"],
+    );
+    assert_fails(&run(&prof, "bitz=4"), 2, &["unknown key `bitz`"]);
+    assert_fails(&run(&prof, "bytes=60QB"), 2, &["unknown byte unit `QB`"]);
+    let missing = dir.path().join("nope.json");
+    assert_fails(
+        &run(missing.to_str().unwrap(), "bits=4"),
+        1,
+        &["reading", "nope.json"],
+    );
+    let bad = dir.path().join("bad.json");
+    let mut p = edge_profile();
+    p.layers[1].nmse.pop();
+    std::fs::write(&bad, serde_json::to_string(&p).unwrap()).unwrap();
+    assert_fails(
+        &run(bad.to_str().unwrap(), "bits=4"),
+        1,
+        &["bad.json", "layer 1: 7 nmse values for 8 candidates"],
+    );
+    let mut p = edge_profile();
+    p.layers[0].params = 5;
+    std::fs::write(&bad, serde_json::to_string(&p).unwrap()).unwrap();
+    assert_fails(
+        &run(bad.to_str().unwrap(), "bits=4"),
+        1,
+        &["layer 0: its linears hold 2048 weights but params says 5"],
+    );
+    std::fs::write(&bad, "{\"model\": 1}").unwrap();
+    assert_fails(
+        &run(bad.to_str().unwrap(), "bits=4"),
+        1,
+        &["not a sensitivity profile"],
+    );
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "no policy is written on failure"
+    );
+}
