@@ -1,0 +1,242 @@
+//! `edgec profile` on the tiny-llama fixture (no tokenizer: calibration as token ids), and
+//! its bad-input errors.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use edgec::luc::sensitivity::Sensitivity;
+
+fn edgec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgec"))
+        .args(args)
+        .output()
+        .expect("run edgec")
+}
+
+fn token_file(dir: &Path, n: usize) -> String {
+    // A deterministic pseudo-random stream over the fixture's 256-token vocabulary.
+    let mut s: u64 = 12345;
+    let ids: Vec<String> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % 256).to_string()
+        })
+        .collect();
+    let p = dir.join("tokens.txt");
+    std::fs::write(&p, ids.join(" ")).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn profile_writes_a_valid_monotone_profile_heatmap_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file(dir.path(), 3000);
+    let out = dir.path().join("sens.json");
+    let model = common::tiny_llama();
+    let o = edgec(&[
+        "profile",
+        "-m",
+        model.to_str().unwrap(),
+        "--calib-tokens",
+        &tokens,
+        "--samples",
+        "6",
+        "--seq",
+        "96",
+        "--layer-samples",
+        "6",
+        "--e2e-layers",
+        "0,3",
+        "--e2e-samples",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["layers"], 4);
+    let s = Sensitivity::from_json(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(s.layers.len(), 4);
+    // Default grid: {2,3,4,8} x {0,.1,.2,.3,.5,.7} + {2,3,4,8} x {2:4, 4:8}.
+    assert_eq!(s.candidates.len(), 32);
+    assert_eq!(s.quantizer, "gptq");
+    assert_eq!(s.pruner, "sparsegpt");
+    assert!(s.base_loss.is_finite() && s.base_loss > 0.0);
+    // End-to-end: 2 layers x the 4 dense candidates.
+    assert_eq!(s.end_to_end.len(), 8);
+    for l in &s.layers {
+        assert_eq!(l.linears.len(), 7);
+        assert!(l.nmse.iter().all(|v| v.is_finite() && *v >= 0.0));
+    }
+    // Fewer bits, more error: averaged over layers, for the dense candidates, and for every
+    // linear alone.
+    let mean = |c: usize| s.layers.iter().map(|l| l.nmse[c]).sum::<f64>() / s.layers.len() as f64;
+    let dense: Vec<usize> = (0..s.candidates.len())
+        .filter(|&c| s.candidates[c].sparsity == 0.0)
+        .collect();
+    let bits: Vec<u8> = dense.iter().map(|&c| s.candidates[c].bits).collect();
+    assert_eq!(bits, [2, 3, 4, 8]);
+    for w in dense.windows(2) {
+        assert!(
+            mean(w[0]) > mean(w[1]),
+            "{} bits: {:.3e}, {} bits: {:.3e}",
+            s.candidates[w[0]].bits,
+            mean(w[0]),
+            s.candidates[w[1]].bits,
+            mean(w[1])
+        );
+        for l in &s.layers {
+            for lin in &l.linears {
+                assert!(lin.nmse[w[0]] > lin.nmse[w[1]], "layer {} {}", l.layer, lin.name);
+            }
+        }
+    }
+    // More sparsity, more error (4 bits, averaged over layers).
+    let four: Vec<usize> = (0..s.candidates.len())
+        .filter(|&c| {
+            s.candidates[c].bits == 4
+                && s.candidates[c].pattern == edge_runtime::format::SparsePattern::Unstructured
+        })
+        .collect();
+    assert!(mean(four[0]) < mean(*four.last().unwrap()));
+    let svg = std::fs::read_to_string(dir.path().join("sens.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("4b-g32-asym-2:4") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<title>layer").count(), 4 * 32);
+    let md = std::fs::read_to_string(dir.path().join("sens.md")).unwrap();
+    assert!(md.contains("| 3 |") && md.contains("End-to-end"));
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let o = edgec(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(err.contains(needle), "{args:?}: stderr `{err}` lacks `{needle}`");
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_llama();
+    let m = model.to_str().unwrap();
+    let out = dir.path().join("o.json");
+    let o = out.to_str().unwrap();
+    let tokens = token_file(dir.path(), 500);
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    let binary = dir.path().join("bin.txt");
+    std::fs::write(&binary, [0x66, 0x6f, 0xff, 0xfe, 0x00]).unwrap();
+    let e = empty.to_str().unwrap();
+    let b = binary.to_str().unwrap();
+    fails_with(
+        &["profile", "-m", m, "--calib", e, "-o", o],
+        "calibration file is empty",
+    );
+    fails_with(
+        &["profile", "-m", m, "--calib-tokens", e, "-o", o],
+        "calibration file is empty",
+    );
+    fails_with(&["profile", "-m", m, "--calib", b, "-o", o], "not UTF-8");
+    fails_with(
+        &[
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--seq",
+            "1000",
+            "-o",
+            o,
+        ],
+        "fewer than one sample of --seq 1000",
+    );
+    fails_with(
+        &[
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--bits",
+            "4,5",
+            "-o",
+            o,
+        ],
+        "unsupported bit-width 5",
+    );
+    fails_with(
+        &[
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--group",
+            "48",
+            "-o",
+            o,
+        ],
+        "unsupported group size 48",
+    );
+    fails_with(
+        &[
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--sparsity",
+            "0,1.5",
+            "-o",
+            o,
+        ],
+        "sparsity 1.5",
+    );
+    fails_with(
+        &[
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--nm",
+            "2:5",
+            "-o",
+            o,
+        ],
+        "2:5",
+    );
+    fails_with(
+        &[
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--seq",
+            "32",
+            "--e2e-layers",
+            "7",
+            "-o",
+            o,
+        ],
+        "layer 7 does not exist",
+    );
+    fails_with(
+        &["profile", "-m", m, "--calib", e, "-o", o],
+        "calibration file is empty",
+    );
+    // A model without a tokenizer needs --calib-tokens.
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "Some text.").unwrap();
+    fails_with(
+        &["profile", "-m", m, "--calib", text.to_str().unwrap(), "-o", o],
+        "carries no tokenizer",
+    );
+    assert!(!out.exists());
+}
