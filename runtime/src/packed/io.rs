@@ -536,6 +536,19 @@ mod tests {
         });
         assert!(err(&path).contains("bad packed format"), "{}", err(&path));
 
+        // A shape far larger than the file.
+        for shape in ["[1099511627776,1099511627776]", "[1099511627776,1]"] {
+            write_sample(&path);
+            edit_header(&path, |h| {
+                let m = h.get_mut("__metadata__").unwrap();
+                let f = format!(
+                    r#"{{"shape":{shape},"format":{{"kind":"quant","bits":4,"group":32,"scheme":"asym"}}}}"#
+                );
+                m[format!("edge.format.{name}")] = f.into();
+            });
+            assert!(err(&path).contains("cannot be held"), "{}", err(&path));
+        }
+
         // A corrupt N:M index (positions must increase inside a block).
         write_sample(&path);
         let f = read_packed_safetensors(&path).unwrap();

@@ -167,8 +167,8 @@ fn quant_spec(format: &WeightFormat) -> Option<QuantSpec> {
 
 fn check_pattern(pattern: SparsePattern, cols: usize) -> Result<()> {
     if let SparsePattern::NofM { n, m } = pattern {
-        if n == 0 || n > m {
-            return invalid(format!("N:M pattern {n}:{m} needs 0 < n <= m"));
+        if n == 0 || n > m || m < 2 {
+            return invalid(format!("N:M pattern {n}:{m} needs 0 < n <= m and m >= 2"));
         }
         if !cols.is_multiple_of(m as usize) {
             return invalid(format!(
@@ -410,6 +410,18 @@ impl PackedWeight {
                 (Some(pattern), values == ValueFormat::F16)
             }
         };
+        // Every format holds at least a byte per row; checking this first bounds what a
+        // shape read from a file can make us allocate.
+        let held: usize = bufs.iter().map(|(_, b)| b.len()).sum();
+        if rows
+            .checked_mul(cols)
+            .is_none_or(|n| n > isize::MAX as usize / 16)
+            || rows > held
+        {
+            return invalid(format!(
+                "packed weight of shape [{rows}, {cols}] cannot be held in {held} bytes"
+            ));
+        }
         expect("qweight", &bufs.qweight, q.is_some())?;
         expect("scales", &bufs.scales, q.is_some())?;
         expect(

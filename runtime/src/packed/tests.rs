@@ -367,6 +367,18 @@ fn bad_inputs_are_errors() {
         ValueFormat::F16,
     ));
     assert!(e.contains("not a multiple of the block size 4"), "{e}");
+    for (n, m) in [(1, 1), (0, 4), (5, 4)] {
+        let p = SparsePattern::NofM { n, m };
+        let e = err(PackedWeight::pack_sparse(
+            2,
+            64,
+            &vals,
+            &[true; 128],
+            p,
+            ValueFormat::F16,
+        ));
+        assert!(e.contains("needs 0 < n <= m"), "{e}");
+    }
     // Shapes, bit-widths, non-finite values.
     assert!(err(PackedWeight::pack_quant(3, 64, &vals, q4)).contains("128 values for a [3, 64]"));
     let q5 = QuantSpec { bits: 5, ..q4 };
