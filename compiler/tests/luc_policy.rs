@@ -577,6 +577,7 @@ fn cli_writes_a_policy_and_reports_it() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["method"], "optimal");
+    assert_eq!(v["objective"], "nmse");
     assert_eq!(v["layers"].as_array().unwrap().len(), 4);
     assert!(v["predicted_error"].as_f64().unwrap() <= 0.723 + 1e-12);
     assert_eq!(v["predicted_error"], v["lower_bound"]);
@@ -646,6 +647,18 @@ fn cli_bad_input_is_a_clear_error() {
         1,
         &["not a sensitivity profile"],
     );
+    let o = edgec(&[
+        "policy",
+        "--profile",
+        &prof,
+        "--budget",
+        "bits=4",
+        "--objective",
+        "loss-weighted",
+        "-o",
+        out,
+    ]);
+    assert_fails(&o, 1, &["loss-weighted needs end_to_end loss deltas"]);
     assert!(
         !std::path::Path::new(out).exists(),
         "no policy is written on failure"

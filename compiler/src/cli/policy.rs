@@ -22,6 +22,15 @@ enum ObjectiveArg {
     LossWeighted,
 }
 
+impl ObjectiveArg {
+    fn name(self) -> &'static str {
+        match self {
+            ObjectiveArg::Nmse => "nmse",
+            ObjectiveArg::LossWeighted => "loss-weighted",
+        }
+    }
+}
+
 #[derive(Args)]
 #[command(
     after_help = "BUDGETS (--budget key=value[,key=value...]; every constraint given must hold)\n  \
@@ -57,7 +66,7 @@ pub struct PolicyArgs {
     #[arg(long, value_enum, default_value = "nmse")]
     objective: ObjectiveArg,
     /// Largest dynamic-programming table for `optimal` (states).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 22)]
     max_states: usize,
     /// Where to write policy.toml.
     #[arg(long, short = 'o')]
@@ -93,7 +102,7 @@ pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string(&report_json(&problem, &a.budget, &sol))?
+            serde_json::to_string(&report_json(&problem, &a.budget, &sol, a.objective.name()))?
         );
     } else {
         print_report(&problem, &a.budget, &sol);
@@ -187,7 +196,7 @@ fn print_report(problem: &Problem, budget: &Budget, sol: &Solution) {
     }
 }
 
-fn report_json(problem: &Problem, budget: &Budget, sol: &Solution) -> serde_json::Value {
+fn report_json(problem: &Problem, budget: &Budget, sol: &Solution, objective: &str) -> serde_json::Value {
     let prof = problem.profile;
     let layers: Vec<serde_json::Value> = sol
         .choice
@@ -206,6 +215,7 @@ fn report_json(problem: &Problem, budget: &Budget, sol: &Solution) -> serde_json
         .collect();
     serde_json::json!({
         "method": sol.method.name(),
+        "objective": objective,
         "budget": budget.to_string(),
         "predicted_error": sol.error,
         "lower_bound": sol.lower_bound,
