@@ -16,7 +16,7 @@
 //!   lowest predicted error among those that meet the budget when applied everywhere. A
 //!   budget that falls between grid points (`bits=3.5` on a {2,3,4,8} grid) is met by the
 //!   next candidate below it, since uniform does not mix.
-//! - `edge-llm`: the paper's heuristic (arXiv 2406.15758, LUC; `docs/../PAPER.md` §1):
+//! - `edge-llm`: the paper's heuristic (arXiv 2406.15758, LUC; the project's `PAPER.md` §1):
 //!   - pruning: `m_i` = mean NMSE of layer `i` over the sparse candidates (sparsity > 0) at
 //!     the highest bit-width that has sparse candidates (the profile closest to pruning
 //!     alone); `ŝ_i = (m_i − min m)/(max m − min m)` (0 when all equal); target sparsity
