@@ -105,7 +105,7 @@ pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
             serde_json::to_string(&report_json(&problem, &a.budget, &sol, a.objective.name()))?
         );
     } else {
-        print_report(&problem, &a.budget, &sol);
+        print_report(&problem, &a.budget, &sol, a.objective.name());
         println!("wrote {}", a.output.display());
     }
     Ok(())
@@ -161,7 +161,7 @@ fn objective_note(sol: &Solution) -> &'static str {
     }
 }
 
-fn print_report(problem: &Problem, budget: &Budget, sol: &Solution) {
+fn print_report(problem: &Problem, budget: &Budget, sol: &Solution, objective: &str) {
     let prof = problem.profile;
     println!("{:>5}  {:<22} {:>12}", "layer", "candidate", "nmse");
     for (l, &c) in sol.choice.iter().enumerate() {
@@ -179,7 +179,12 @@ fn print_report(problem: &Problem, budget: &Budget, sol: &Solution) {
         Some(_) => " (optimal)".into(),
         None => String::new(),
     };
-    println!("predicted error {:.6e}{lb}", sol.error);
+    let unit = if objective == "nmse" {
+        "sum of layer nmse"
+    } else {
+        "sum of loss-weighted layer nmse: predicted loss increase"
+    };
+    println!("predicted error {:.6e}{lb} [{unit}]", sol.error);
     let bytes = sol
         .usage
         .bytes
