@@ -82,8 +82,8 @@ pub struct ProfileArgs {
     /// Samples the layer output error is measured on.
     #[arg(long, default_value_t = 2)]
     layer_samples: usize,
-    /// Layers for the end-to-end loss deltas (default: four evenly spaced, first and last
-    /// included).
+    /// Layers for the end-to-end loss deltas (default: 0, L/3, 2L/3 and the last, e.g.
+    /// 0,10,20,29 for 30 layers).
     #[arg(long, value_delimiter = ',')]
     e2e_layers: Option<Vec<usize>>,
     /// Candidates (labels, e.g. `4b-g32-asym`) for the end-to-end loss deltas (default: the
@@ -91,7 +91,7 @@ pub struct ProfileArgs {
     #[arg(long, value_delimiter = ',')]
     e2e_candidates: Option<Vec<String>>,
     /// Samples the end-to-end loss is computed on.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     e2e_samples: usize,
     /// Output profile (JSON).
     #[arg(long, short = 'o')]
@@ -172,7 +172,7 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
     let e2e_layers = match &a.e2e_layers {
         Some(v) => v.clone(),
         None => {
-            let mut v: Vec<usize> = (0..4).map(|k| k * (layers - 1) / 3).collect();
+            let mut v: Vec<usize> = (0..4).map(|k| (k * layers / 3).min(layers - 1)).collect();
             v.dedup();
             v
         }
@@ -222,9 +222,19 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let pb = super::progress_bar(0, "profiling");
+    // Without a terminal the bar is hidden: log every 5% instead.
+    let logged = std::sync::atomic::AtomicU64::new(0);
     let s = profile(g, &samples, &cfg, &|done, total| {
         pb.set_length(total);
         pb.set_position(done);
+        let step = done * 20 / total.max(1);
+        if pb.is_hidden() && logged.fetch_max(step, std::sync::atomic::Ordering::Relaxed) < step {
+            eprintln!(
+                "profiling: {}% ({done}/{total}) after {:.0} s",
+                step * 5,
+                started.elapsed().as_secs_f64()
+            );
+        }
     });
     pb.finish_and_clear();
     let s = s?;

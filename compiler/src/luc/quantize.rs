@@ -310,9 +310,10 @@ fn sweep_tile(w: &mut [f32], mut mask: Option<&mut [bool]>, cols: usize, cfg: &S
                 }
             }
             let d = diag(i);
-            // Where the values of a group starting here may come from: the whole row when
-            // the mask is known (or dense), else the current block.
-            let limit = if matches!(cfg.mask, MaskMode::SparseGpt { .. }) {
+            // The values of a group starting here: the next `group` kept values of the row.
+            // With SparseGPT the mask past this block is not chosen yet, so past the block
+            // every column counts (values there have not had this block's update yet).
+            let mask_known_to = if matches!(cfg.mask, MaskMode::SparseGpt { .. }) {
                 i2
             } else {
                 cols
@@ -327,8 +328,8 @@ fn sweep_tile(w: &mut [f32], mut mask: Option<&mut [bool]>, cols: usize, cfg: &S
                 } else if let Some(spec) = &cfg.quant {
                     let g = spec.group as usize;
                     if kept_count[r].is_multiple_of(g) {
-                        let vals = (i..limit)
-                            .filter(|&j| mrow.is_none_or(|m| m[j]))
+                        let vals = (i..cols)
+                            .filter(|&j| j >= mask_known_to || mrow.is_none_or(|m| m[j]))
                             .take(g)
                             .map(|j| row[j]);
                         cur[r] = GroupParams::find(vals, spec);
