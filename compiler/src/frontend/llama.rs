@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use edge_runtime::ir::{Graph, ModelConfig, Node, Op, ValueId, ValueInfo, Weight, WeightData, WeightId, names};
+use edge_runtime::ir::{
+    Graph, ModelConfig, Node, Op, ValueId, ValueInfo, Weight, WeightData, WeightId, names,
+};
 use edge_runtime::tensor::Tensor;
 
 use super::error::{FrontendError, Result};
@@ -86,7 +88,10 @@ impl Builder {
 /// such as `rotary_emb.inv_freq` are ignored); `lm_head.weight` may be absent when the
 /// embeddings are tied. `path` names the source in error messages.
 pub fn build(config: ModelConfig, weights: HashMap<String, Tensor>, path: &str) -> Result<Graph> {
-    let weights = weights.into_iter().map(|(k, t)| (k, WeightData::Dense(t))).collect();
+    let weights = weights
+        .into_iter()
+        .map(|(k, t)| (k, WeightData::Dense(t)))
+        .collect();
     build_with(config, weights, path)
 }
 
