@@ -570,6 +570,8 @@ fn cli_writes_a_policy_and_reports_it() {
         &prof,
         "--budget",
         "bits=6,sparsity=0.3",
+        "--objective",
+        "nmse",
         "-o",
         out.to_str().unwrap(),
         "--json",
@@ -663,4 +665,36 @@ fn cli_bad_input_is_a_clear_error() {
         !std::path::Path::new(out).exists(),
         "no policy is written on failure"
     );
+}
+
+/// The default objective weighs each layer's linears' own output error (parameter-weighted
+/// mean), not the layer-output error that the residual stream shrinks.
+#[test]
+fn linear_nmse_objective_averages_the_linears() {
+    use edgec::luc::search::{Objective, Problem};
+    use edgec::luc::sensitivity::{LinearSensitivity, Sensitivity};
+    let text = r#"{"model":"m","calibration":{"file":"f","samples":1,"seq":2},"quantizer":"rtn","pruner":"magnitude",
+      "candidates":[{"bits":4,"group":32,"scheme":"asym","sparsity":0.0,"pattern":{"kind":"unstructured"}},
+                    {"bits":2,"group":32,"scheme":"asym","sparsity":0.0,"pattern":{"kind":"unstructured"}}],
+      "layers":[{"layer":0,"params":96,"nmse":[0.001,0.002],"linears":[]}],"base_loss":1.0,"end_to_end":[]}"#;
+    let mut p = Sensitivity::from_json(text).unwrap();
+    p.layers[0].linears = vec![
+        LinearSensitivity {
+            name: "q_proj".into(),
+            rows: 2,
+            cols: 32,
+            nmse: vec![0.1, 0.4],
+        },
+        LinearSensitivity {
+            name: "down_proj".into(),
+            rows: 1,
+            cols: 32,
+            nmse: vec![0.4, 1.0],
+        },
+    ];
+    let prob = Problem::new(&p, Objective::LinearNmse).unwrap();
+    assert!((prob.error(0, 0) - (2.0 / 3.0 * 0.1 + 1.0 / 3.0 * 0.4)).abs() < 1e-12);
+    assert!((prob.error(0, 1) - (2.0 / 3.0 * 0.4 + 1.0 / 3.0 * 1.0)).abs() < 1e-12);
+    let nmse = Problem::new(&p, Objective::Nmse).unwrap();
+    assert_eq!(nmse.error(0, 1), 0.002);
 }

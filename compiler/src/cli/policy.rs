@@ -20,6 +20,7 @@ enum MethodArg {
 enum ObjectiveArg {
     Nmse,
     LossWeighted,
+    LinearNmse,
 }
 
 impl ObjectiveArg {
@@ -27,6 +28,7 @@ impl ObjectiveArg {
         match self {
             ObjectiveArg::Nmse => "nmse",
             ObjectiveArg::LossWeighted => "loss-weighted",
+            ObjectiveArg::LinearNmse => "linear-nmse",
         }
     }
 }
@@ -61,9 +63,10 @@ pub struct PolicyArgs {
     /// How to choose the per-layer candidates.
     #[arg(long, value_enum, default_value = "optimal")]
     method: MethodArg,
-    /// Predicted error: the sum of layer nmse, or each layer's nmse weighted by a per-layer
-    /// factor fitted on the profile's end-to-end loss deltas (a predicted loss increase).
-    #[arg(long, value_enum, default_value = "nmse")]
+    /// Predicted error: the sum of layer nmse; each layer's nmse weighted by a per-layer
+    /// factor fitted on the profile's end-to-end loss deltas (a predicted loss increase); or
+    /// the sum over layers of the parameter-weighted mean of the linears' own output nmse.
+    #[arg(long, value_enum, default_value = "linear-nmse")]
     objective: ObjectiveArg,
     /// Largest dynamic-programming table for `optimal` (states).
     #[arg(long, default_value_t = 1 << 22)]
@@ -82,6 +85,7 @@ pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
     let objective = match a.objective {
         ObjectiveArg::Nmse => Objective::Nmse,
         ObjectiveArg::LossWeighted => Objective::LossWeighted,
+        ObjectiveArg::LinearNmse => Objective::LinearNmse,
     };
     let method = match a.method {
         MethodArg::Optimal => Method::Optimal,
@@ -181,6 +185,8 @@ fn print_report(problem: &Problem, budget: &Budget, sol: &Solution, objective: &
     };
     let unit = if objective == "nmse" {
         "sum of layer nmse"
+    } else if objective == "linear-nmse" {
+        "sum over layers of the mean linear-output nmse"
     } else {
         "sum of loss-weighted layer nmse: predicted loss increase"
     };

@@ -84,6 +84,11 @@ pub enum Objective {
     Nmse,
     /// `Σ_l w_l · nmse[l][c_l]` with `w_l` fitted on the end-to-end loss deltas.
     LossWeighted,
+    /// `Σ_l Σ_k (p_k / p_l) · nmse_k[c_l]`: each layer's seven linears' own output NMSE
+    /// (measured on all calibration samples), averaged with their parameter counts as
+    /// weights. Unlike the layer-output NMSE it is not shrunk by the residual stream, whose
+    /// norm varies by orders of magnitude between layers.
+    LinearNmse,
 }
 
 /// Search options.
@@ -111,6 +116,8 @@ pub struct Problem<'a> {
     pub profile: &'a Sensitivity,
     /// Per-layer error weight `w_l`.
     pub weights: Vec<f64>,
+    /// `linear_err[l][c]` for [`Objective::LinearNmse`] (else empty).
+    pub linear_err: Vec<Vec<f64>>,
     /// `usage[l][c]`.
     pub usage: Vec<Vec<Usage>>,
 }
@@ -185,12 +192,37 @@ impl<'a> Problem<'a> {
             }
         }
         let weights = match objective {
-            Objective::Nmse => vec![1.0; profile.layers.len()],
+            Objective::Nmse | Objective::LinearNmse => vec![1.0; profile.layers.len()],
             Objective::LossWeighted => loss_weights(profile)?,
+        };
+        let linear_err = match objective {
+            Objective::LinearNmse => profile
+                .layers
+                .iter()
+                .map(|l| {
+                    if l.linears.is_empty() {
+                        return Err(format!(
+                            "layer {}: the linear-nmse objective needs per-linear nmse",
+                            l.layer
+                        ));
+                    }
+                    let total: f64 = l.linears.iter().map(|k| (k.rows * k.cols) as f64).sum();
+                    Ok((0..nc)
+                        .map(|c| {
+                            l.linears
+                                .iter()
+                                .map(|k| (k.rows * k.cols) as f64 / total * k.nmse[c])
+                                .sum()
+                        })
+                        .collect())
+                })
+                .collect::<Result<Vec<Vec<f64>>, String>>()?,
+            _ => vec![],
         };
         Ok(Problem {
             profile,
             weights,
+            linear_err,
             usage,
         })
     }
@@ -205,6 +237,9 @@ impl<'a> Problem<'a> {
 
     /// The weighted error of candidate `c` at layer `l`.
     pub fn error(&self, l: usize, c: usize) -> f64 {
+        if !self.linear_err.is_empty() {
+            return self.linear_err[l][c];
+        }
         self.weights[l] * self.profile.layers[l].nmse[c]
     }
 
