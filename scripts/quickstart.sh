@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: build Edge-LLM, fetch SmolLM2-135M-Instruct, and run
-# the pipeline stages that exist so far, printing progress as it goes.
+# the pipeline stages that exist so far (inspect, evaluate, generate, bench, then LUC:
+# profile, policy, compress, evaluate the compressed model), printing progress as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,22 @@ $EDGEC generate --model "$MODEL" --prompt "The history of the English novel" -n 
 
 step "bench (prefill 512 tokens, decode 128 tokens, median of 3)"
 $EDGEC bench --model "$MODEL" --reps 3
+
+WORK=${WORK:-target/quickstart}
+mkdir -p "$WORK"
+
+step "LUC: profile layer sensitivity (8 x 256 calibration tokens from data/austen/train.txt)"
+$EDGEC profile --model "$MODEL" --calib data/austen/train.txt --samples 8 --seq 256 -o "$WORK/sensitivity.json"
+
+step "LUC: policy under the budget bits=4,sparsity=0.3 (optimal knapsack)"
+$EDGEC policy --profile "$WORK/sensitivity.json" --budget bits=4,sparsity=0.3 --method optimal -o "$WORK/policy.toml"
+
+step "LUC: compress (GPTQ + SparseGPT) into $WORK/smollm2-luc"
+$EDGEC compress --model "$MODEL" --policy "$WORK/policy.toml" --calib data/austen/train.txt \
+  --samples 8 --seq 256 -o "$WORK/smollm2-luc"
+
+step "perplexity of the compressed model (first 8 chunks)"
+$EDGEC eval --model "$WORK/smollm2-luc" --text data/austen/test.txt --ctx 512 --chunks 8
+
+step "generate with the compressed model"
+$EDGEC generate --model "$WORK/smollm2-luc" --prompt "The history of the English novel" -n 32
