@@ -1,27 +1,13 @@
 //! Malformed GGUF input: every case must come back as an error that names the problem,
 //! never a panic. Damaged copies of real files are written to a temporary directory.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::{repo, smollm2};
+use std::path::Path;
 
 use edgec::frontend::gguf::{self, reader};
 use edgec::frontend::{LoadOptions, load};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn smollm2() -> PathBuf {
-    let out = Command::new(repo().join("scripts/fetch-model.sh"))
-        .output()
-        .expect("run scripts/fetch-model.sh");
-    assert!(
-        out.status.success(),
-        "fetch-model.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn tiny() -> Vec<u8> {
     std::fs::read(repo().join("tests/data/gguf/tiny-llama.f16.gguf")).unwrap()

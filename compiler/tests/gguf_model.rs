@@ -3,28 +3,13 @@
 //! tiny-llama fixture converted to GGUF by llama.cpp's own converter against its
 //! safetensors original (names, dim order, q/k un-permutation, f16 values).
 
+mod common;
+
+use common::{repo, smollm2};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use edge_runtime::DType;
 use edgec::frontend::{LoadOptions, SourceFormat, gguf, load, safetensors};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn smollm2() -> PathBuf {
-    let out = Command::new(repo().join("scripts/fetch-model.sh"))
-        .output()
-        .expect("run scripts/fetch-model.sh");
-    assert!(
-        out.status.success(),
-        "fetch-model.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 #[test]
 fn smollm2_config_graph_and_listing() {

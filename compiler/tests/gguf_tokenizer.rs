@@ -4,27 +4,13 @@
 //! scripts, emoji, Unicode spaces, special tokens), token for token. The reference ids were
 //! written by scripts/gguf-make-token-refs.sh (command in tests/data/gguf/PROVENANCE.md).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::{repo, smollm2};
+use std::path::Path;
 
 use edge_runtime::tokenizer::Tokenizer;
 use edgec::frontend::gguf::{self, GgufFile, tokenizer};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn smollm2() -> PathBuf {
-    let out = Command::new(repo().join("scripts/fetch-model.sh"))
-        .output()
-        .expect("run scripts/fetch-model.sh");
-    assert!(
-        out.status.success(),
-        "fetch-model.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 fn smollm2_tokenizer() -> Tokenizer {
     smollm2_tokenizer_with_pre(None)
