@@ -189,7 +189,8 @@ impl Tensor {
     }
 }
 
-fn copy_owned(dtype: DType, raw: &[u8]) -> Bytes {
+/// Owned storage holding a copy of little-endian `raw` bytes of element type `dtype`.
+pub fn copy_owned(dtype: DType, raw: &[u8]) -> Bytes {
     match dtype {
         DType::F32 => Bytes::F32(Arc::new(
             raw.chunks_exact(4)

@@ -505,18 +505,7 @@ fn owned(dtype: DType, src: &Source<'_>) -> Bytes {
         Source::Floats(f) => return Bytes::F32(Arc::new(f.to_vec())),
         Source::HalfBits(h) => return Bytes::Half(Arc::new(h.iter().map(|&x| x as u16).collect())),
     };
-    match dtype {
-        DType::F32 => Bytes::F32(Arc::new(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )),
-        DType::F16 | DType::BF16 => Bytes::Half(Arc::new(
-            raw.chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect(),
-        )),
-    }
+    edge_runtime::tensor::copy_owned(dtype, raw)
 }
 
 /// Transposes a row-major `[rows, cols]` matrix into `[cols, rows]`, in cache-sized tiles.
