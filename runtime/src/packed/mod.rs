@@ -744,6 +744,22 @@ impl PackedWeight {
         }
     }
 
+    /// The packed buffers of a quantized weight (or a sparse weight's quantized values),
+    /// with the sizes the kernels derive from its spec.
+    fn quant_view(&self, q: &QuantSpec) -> QuantView<'_> {
+        let g = q.group as usize;
+        let bits = q.bits as usize;
+        QuantView {
+            g,
+            bits,
+            gb: g * bits / 8,
+            codes: self.bufs.qweight.as_ref().expect("verified").as_slice(),
+            scales: self.bufs.scales.as_ref().expect("verified").as_slice(),
+            mins: self.bufs.mins.as_ref().map(|b| b.as_slice()),
+            off: (1u32 << (bits - 1)) as f32,
+        }
+    }
+
     /// `sum_j W[r, j] * x[j]` for a `Quant` weight without decoding the row: per group,
     /// `scale * sum(q * x) + min * sum(x)` (symmetric: `min = -scale * 2^(bits-1)`), with
     /// `xsums` from [`group_sums`](Self::group_sums). `r < rows`, `x.len() == cols`.
@@ -751,13 +767,15 @@ impl PackedWeight {
         let WeightFormat::Quant(q) = self.format else {
             panic!("dot_quant_row on a {} weight", self.format);
         };
-        let g = q.group as usize;
-        let bits = q.bits as usize;
-        let gb = g * bits / 8;
-        let codes = self.bufs.qweight.as_ref().expect("verified").as_slice();
-        let scales = self.bufs.scales.as_ref().expect("verified").as_slice();
-        let mins = self.bufs.mins.as_ref().map(|b| b.as_slice());
-        let off = (1u32 << (bits - 1)) as f32;
+        let QuantView {
+            g,
+            bits,
+            gb,
+            codes,
+            scales,
+            mins,
+            off,
+        } = self.quant_view(&q);
         let mut qs = [0f32; 128];
         let mut acc = 0.0;
         for (i, (xg, xs)) in x.chunks(g).zip(xsums).enumerate() {
@@ -829,13 +847,15 @@ impl PackedWeight {
                 }
             }
             Some(q) => {
-                let g = q.group as usize;
-                let bits = q.bits as usize;
-                let gb = g * bits / 8;
-                let codes = self.bufs.qweight.as_ref().expect("verified").as_slice();
-                let scales = self.bufs.scales.as_ref().expect("verified").as_slice();
-                let mins = self.bufs.mins.as_ref().map(|b| b.as_slice());
-                let off = (1u32 << (bits - 1)) as f32;
+                let QuantView {
+                    g,
+                    bits,
+                    gb,
+                    codes,
+                    scales,
+                    mins,
+                    off,
+                } = self.quant_view(&q);
                 let mut qs = [0f32; 128];
                 for (i, o) in out.chunks_mut(g).enumerate() {
                     let gi = self.group_start[r] + i;
@@ -947,3 +967,17 @@ fn sparse_positions(
 
 #[cfg(test)]
 mod tests;
+
+/// See [`PackedWeight::quant_view`].
+struct QuantView<'a> {
+    /// Values a group.
+    g: usize,
+    bits: usize,
+    /// Code bytes a group.
+    gb: usize,
+    codes: &'a [u8],
+    scales: &'a [u8],
+    mins: Option<&'a [u8]>,
+    /// The symmetric code offset `2^(bits-1)`.
+    off: f32,
+}
