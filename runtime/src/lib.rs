@@ -4,7 +4,9 @@
 //! keeps a KV cache per session ([`exec`]), tokenizes ([`tokenizer`]) and samples
 //! ([`sampling`]). It never depends on the compiler.
 
+pub mod bundle;
 pub mod error;
+pub mod eval;
 pub mod exec;
 pub mod format;
 pub mod ir;
