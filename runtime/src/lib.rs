@@ -16,6 +16,7 @@ pub mod packed;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Result, RuntimeError};
 pub use exec::{Executor, Rows, Session, StepOutput};

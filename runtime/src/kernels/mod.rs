@@ -5,5 +5,6 @@
 
 pub mod dot;
 pub mod linear;
+pub mod matmul;
 
 pub use linear::{linear, linear_transposed};

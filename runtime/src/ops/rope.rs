@@ -40,6 +40,15 @@ impl RopeTable {
 
     /// Rotates row `r` of `x` (`heads * head_dim` wide) for position `start + r`, in place.
     pub fn apply(&self, x: &mut [f32], heads: usize, start: usize) {
+        self.rotate(x, heads, start, 1.0);
+    }
+
+    /// The inverse (transposed) rotation of [`apply`](Self::apply): the gradient of RoPE.
+    pub fn apply_inverse(&self, x: &mut [f32], heads: usize, start: usize) {
+        self.rotate(x, heads, start, -1.0);
+    }
+
+    fn rotate(&self, x: &mut [f32], heads: usize, start: usize, sign: f32) {
         let (d, half) = (self.head_dim, self.head_dim / 2);
         let width = heads * d;
         for (r, row) in x.chunks_exact_mut(width).enumerate() {
@@ -52,8 +61,9 @@ impl RopeTable {
                 let (a, b) = h.split_at_mut(half);
                 for i in 0..half {
                     let (x0, x1) = (a[i], b[i]);
-                    a[i] = x0 * c[i] - x1 * s[i];
-                    b[i] = x1 * c[i] + x0 * s[i];
+                    let si = sign * s[i];
+                    a[i] = x0 * c[i] - x1 * si;
+                    b[i] = x1 * c[i] + x0 * si;
                 }
             }
         }

@@ -1,0 +1,415 @@
+//! Vector-Jacobian products of the IR's ops: given an op's saved inputs and the gradient
+//! of the loss with respect to its output, the gradients with respect to its inputs (and
+//! its trainable weights). Each function is the exact derivative of the forward op in
+//! [`crate::ops`], checked against PyTorch's autograd in the tests of `edgec grad`.
+
+use rayon::prelude::*;
+
+use crate::ir::WeightData;
+use crate::kernels::linear::{linear, linear_transposed};
+use crate::kernels::matmul::{View, ViewMut, matmul};
+use crate::ops::attention::{AttnShape, softmax};
+use crate::ops::rope::RopeTable;
+
+/// RMSNorm backward. Forward: `y = x * r * w`, `r = 1/sqrt(mean(x^2) + eps)` per row.
+/// Returns `dx` (if `need_dx`) and adds `dw` into `dw_acc` (if given).
+pub fn rms_norm_back(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    dy: &[f32],
+    need_dx: bool,
+    mut dw_acc: Option<&mut [f32]>,
+) -> Option<Vec<f32>> {
+    let d = w.len();
+    let mut dx = if need_dx { vec![0.0; x.len()] } else { vec![] };
+    for (r, (xr, gr)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).enumerate() {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        if let Some(dw) = dw_acc.as_deref_mut() {
+            for ((a, &xv), &g) in dw.iter_mut().zip(xr).zip(gr) {
+                *a += g * xv * inv;
+            }
+        }
+        if need_dx {
+            // dx = r (w∘g) - x r^3 / d * Σ (w∘g∘x)
+            let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, g), wv)| xv * g * wv).sum();
+            let c = inv * inv * inv * dot / d as f32;
+            let o = &mut dx[r * d..(r + 1) * d];
+            for (((o, &xv), &g), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+                *o = inv * wv * g - xv * c;
+            }
+        }
+    }
+    need_dx.then_some(dx)
+}
+
+/// RoPE backward: the rotation is orthogonal, so the gradient is rotated back.
+pub fn rope_back(table: &RopeTable, dy: &[f32], heads: usize) -> Vec<f32> {
+    let mut dx = dy.to_vec();
+    table.apply_inverse(&mut dx, heads, 0);
+    dx
+}
+
+/// SwiGLU backward. Forward: `y = silu(g) * u`.
+pub fn swiglu_back(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0.0; gate.len()];
+    let mut du = vec![0.0; gate.len()];
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let o = c * 4096;
+            for i in 0..dg.len() {
+                let (g, u, d) = (gate[o + i], up[o + i], dy[o + i]);
+                let s = 1.0 / (1.0 + (-g).exp());
+                du[i] = d * g * s;
+                dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+            }
+        });
+    (dg, du)
+}
+
+/// Linear backward with respect to the input: `dx = dy W` (the product with the
+/// transposed weight, in the weight's own storage format).
+pub fn linear_back(w: &WeightData, dy: &[f32], rows: usize) -> Vec<f32> {
+    let k = w.shape()[1];
+    let mut dx = vec![0.0; rows * k];
+    linear_transposed(dy, rows, w, &mut dx);
+    dx
+}
+
+/// LoRA down projection `h = x A^T` (`A`: `[r, in]`).
+pub fn lora_down(x: &[f32], rows: usize, a: &[f32], r: usize) -> Vec<f32> {
+    let k = a.len() / r;
+    let mut h = vec![0.0; rows * r];
+    matmul(
+        ViewMut::new(&mut h, rows, r),
+        View::new(x, rows, k),
+        View::new(a, r, k).t(),
+        1.0,
+        false,
+    );
+    h
+}
+
+/// LoRA up projection `t = scale * h B^T` (`B`: `[out, r]`).
+pub fn lora_up(h: &[f32], rows: usize, b: &[f32], r: usize, scale: f32) -> Vec<f32> {
+    let n = b.len() / r;
+    let mut t = vec![0.0; rows * n];
+    matmul(
+        ViewMut::new(&mut t, rows, n),
+        View::new(h, rows, r),
+        View::new(b, n, r).t(),
+        scale,
+        false,
+    );
+    t
+}
+
+/// Backward of [`lora_up`]: adds `dB = scale dt^T h` into `db`, returns `dh = scale dt B`.
+pub fn lora_up_back(
+    h: &[f32],
+    rows: usize,
+    b: &[f32],
+    r: usize,
+    scale: f32,
+    dt: &[f32],
+    db: &mut [f32],
+) -> Vec<f32> {
+    let n = b.len() / r;
+    matmul(
+        ViewMut::new(db, n, r),
+        View::new(dt, rows, n).t(),
+        View::new(h, rows, r),
+        scale,
+        true,
+    );
+    let mut dh = vec![0.0; rows * r];
+    matmul(
+        ViewMut::new(&mut dh, rows, r),
+        View::new(dt, rows, n),
+        View::new(b, n, r),
+        scale,
+        false,
+    );
+    dh
+}
+
+/// Backward of [`lora_down`]: adds `dA = dh^T x` into `da`, returns `dx = dh A` if asked.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_down_back(
+    x: &[f32],
+    rows: usize,
+    a: &[f32],
+    r: usize,
+    dh: &[f32],
+    da: &mut [f32],
+    need_dx: bool,
+) -> Option<Vec<f32>> {
+    let k = a.len() / r;
+    matmul(
+        ViewMut::new(da, r, k),
+        View::new(dh, rows, r).t(),
+        View::new(x, rows, k),
+        1.0,
+        true,
+    );
+    need_dx.then(|| {
+        let mut dx = vec![0.0; rows * k];
+        matmul(
+            ViewMut::new(&mut dx, rows, k),
+            View::new(dh, rows, r),
+            View::new(a, r, k),
+            1.0,
+            false,
+        );
+        dx
+    })
+}
+
+/// Causal GQA attention backward for a whole sequence starting at position 0. The
+/// probabilities are recomputed from `q` and `k` (nothing of size `rows^2` is saved by
+/// the forward). Returns `(dq, dk, dv)`.
+pub fn attention_back(
+    shape: AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
+    let (qw, kvw) = (heads * hd, kv_heads * hd);
+    let rows = q.len() / qw;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // One task per KV head: its query heads' dq columns and its own dk/dv columns.
+    let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let mut dq = vec![0.0; rows * group * hd];
+            let mut dk = vec![0.0; rows * hd];
+            let mut dv = vec![0.0; rows * hd];
+            let mut p = vec![0.0; rows * rows];
+            let mut dp = vec![0.0; rows * rows];
+            let kg = View::columns(k, rows, kvw, g * hd, hd);
+            let vg = View::columns(v, rows, kvw, g * hd, hd);
+            for j in 0..group {
+                let h = g * group + j;
+                let qh = View::columns(q, rows, qw, h * hd, hd);
+                let doh = View::columns(dout, rows, qw, h * hd, hd);
+                matmul(ViewMut::new(&mut p, rows, rows), qh, kg.t(), scale, false);
+                for (r, row) in p.chunks_exact_mut(rows).enumerate() {
+                    softmax(&mut row[..=r]);
+                    row[r + 1..].fill(0.0);
+                }
+                // dV += P^T dO
+                matmul(
+                    ViewMut::new(&mut dv, rows, hd),
+                    View::new(&p, rows, rows).t(),
+                    doh,
+                    1.0,
+                    true,
+                );
+                // dP = dO V^T ; dS = P ∘ (dP - rowsum(dP ∘ P))
+                matmul(ViewMut::new(&mut dp, rows, rows), doh, vg.t(), 1.0, false);
+                for (r, (pr, dr)) in p.chunks_exact(rows).zip(dp.chunks_exact_mut(rows)).enumerate() {
+                    let s: f32 = pr[..=r].iter().zip(&dr[..=r]).map(|(a, b)| a * b).sum();
+                    for c in 0..=r {
+                        dr[c] = pr[c] * (dr[c] - s);
+                    }
+                    dr[r + 1..].fill(0.0);
+                }
+                // dQ_h = scale dS K ; dK += scale dS^T Q_h
+                let dsv = View::new(&dp, rows, rows);
+                matmul(
+                    ViewMut::columns(&mut dq, rows, group * hd, j * hd, hd),
+                    dsv,
+                    kg,
+                    scale,
+                    false,
+                );
+                matmul(ViewMut::new(&mut dk, rows, hd), dsv.t(), qh, scale, true);
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0.0; rows * qw];
+    let mut dk = vec![0.0; rows * kvw];
+    let mut dv = vec![0.0; rows * kvw];
+    for (g, (dqg, dkg, dvg)) in per_kv.iter().enumerate() {
+        let gw = group * hd;
+        for r in 0..rows {
+            dq[r * qw + g * gw..r * qw + (g + 1) * gw].copy_from_slice(&dqg[r * gw..(r + 1) * gw]);
+            dk[r * kvw + g * hd..r * kvw + (g + 1) * hd].copy_from_slice(&dkg[r * hd..(r + 1) * hd]);
+            dv[r * kvw + g * hd..r * kvw + (g + 1) * hd].copy_from_slice(&dvg[r * hd..(r + 1) * hd]);
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Rows of logits computed at once by [`head_loss`]; bounds the memory of the loss to
+/// `HEAD_CHUNK x vocab` whatever the sequence length.
+pub const HEAD_CHUNK: usize = 32;
+
+/// The loss at an exit and its gradient, fused: `logits = x W^T` (W the head,
+/// `[vocab, d]`), shifted next-token cross-entropy of row `t` against `targets[t]`
+/// (`None`: not scored), each term weighted by `weight` (e.g. 1 / number of scored
+/// tokens in the batch). Returns `(sum of weighted terms, unweighted sum, scored count,
+/// dx)`, with `dx = d loss / d x`; `dw_acc` receives `d loss / d W` when the head trains.
+pub fn head_loss(
+    x: &[f32],
+    head: &WeightData,
+    targets: &[Option<u32>],
+    weight: f32,
+    mut dw_acc: Option<&mut [f32]>,
+) -> (f64, f64, usize, Vec<f32>) {
+    let (vocab, d) = (head.shape()[0], head.shape()[1]);
+    let rows = targets.len();
+    let mut dx = vec![0.0; rows * d];
+    let (mut loss, mut raw, mut count) = (0.0f64, 0.0f64, 0usize);
+    let mut logits = vec![0.0; HEAD_CHUNK.min(rows) * vocab];
+    for r0 in (0..rows).step_by(HEAD_CHUNK) {
+        let r1 = (r0 + HEAD_CHUNK).min(rows);
+        let n = r1 - r0;
+        if targets[r0..r1].iter().all(Option::is_none) {
+            continue;
+        }
+        let lg = &mut logits[..n * vocab];
+        linear(&x[r0 * d..r1 * d], n, head, lg);
+        for (row, t) in lg.chunks_exact_mut(vocab).zip(&targets[r0..r1]) {
+            match t {
+                None => row.fill(0.0),
+                Some(t) => {
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f64 = row.iter().map(|&z| ((z - m) as f64).exp()).sum();
+                    let lse = m as f64 + sum.ln();
+                    let term = lse - row[*t as usize] as f64;
+                    raw += term;
+                    loss += term * weight as f64;
+                    count += 1;
+                    for z in row.iter_mut() {
+                        *z = (((*z as f64) - lse).exp() as f32) * weight;
+                    }
+                    row[*t as usize] -= weight;
+                }
+            }
+        }
+        linear_transposed(lg, n, head, &mut dx[r0 * d..r1 * d]);
+        if let Some(dw) = dw_acc.as_deref_mut() {
+            matmul(
+                ViewMut::new(dw, vocab, d),
+                View::new(lg, n, vocab).t(),
+                View::new(&x[r0 * d..r1 * d], n, d),
+                1.0,
+                true,
+            );
+        }
+    }
+    (loss, raw, count, dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::attention::KvSlot;
+    use crate::ops::attention::attention;
+
+    fn rnd(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// Central finite differences of a scalar function of `x` along `dir`.
+    fn fd(f: &dyn Fn(&[f32]) -> f64, x: &[f32], dir: &[f32]) -> f64 {
+        let eps = 1e-3f32;
+        let plus: Vec<f32> = x.iter().zip(dir).map(|(a, b)| a + eps * b).collect();
+        let minus: Vec<f32> = x.iter().zip(dir).map(|(a, b)| a - eps * b).collect();
+        (f(&plus) - f(&minus)) / (2.0 * eps as f64)
+    }
+
+    fn dotf(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum()
+    }
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        let shape = AttnShape {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let rows = 6;
+        let (q, k, v) = (rnd(rows * 32, 1), rnd(rows * 16, 2), rnd(rows * 16, 3));
+        let probe = rnd(rows * 32, 4);
+        let fwd = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut out = vec![0.0; rows * 32];
+            attention(shape, q, k, v, &mut KvSlot::new(rows, 16), 0, &mut out);
+            dotf(&out, &probe)
+        };
+        let (dq, dk, dv) = attention_back(shape, &q, &k, &v, &probe);
+        let dir_q = rnd(q.len(), 5);
+        let dir_k = rnd(k.len(), 6);
+        let num_q = fd(&|x| fwd(x, &k, &v), &q, &dir_q);
+        let num_k = fd(&|x| fwd(&q, x, &v), &k, &dir_k);
+        let num_v = fd(&|x| fwd(&q, &k, x), &v, &dir_k);
+        assert!(
+            (num_q - dotf(&dq, &dir_q)).abs() < 2e-3,
+            "{num_q} vs {}",
+            dotf(&dq, &dir_q)
+        );
+        assert!(
+            (num_k - dotf(&dk, &dir_k)).abs() < 2e-3,
+            "{num_k} vs {}",
+            dotf(&dk, &dir_k)
+        );
+        assert!(
+            (num_v - dotf(&dv, &dir_k)).abs() < 2e-3,
+            "{num_v} vs {}",
+            dotf(&dv, &dir_k)
+        );
+    }
+
+    #[test]
+    fn norm_and_swiglu_backward_match_finite_differences() {
+        let (rows, d) = (3, 16);
+        let x = rnd(rows * d, 7);
+        let w: Vec<f32> = rnd(d, 8).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let probe = rnd(rows * d, 9);
+        let wt = crate::tensor::Tensor::from_f32(vec![d], w.clone()).unwrap();
+        let f = |x: &[f32]| {
+            let mut o = vec![0.0; x.len()];
+            crate::ops::norm::rms_norm(x, &wt, 1e-5, &mut o);
+            dotf(&o, &probe)
+        };
+        let mut dw = vec![0.0; d];
+        let dx = rms_norm_back(&x, &w, 1e-5, &probe, true, Some(&mut dw)).unwrap();
+        let dir = rnd(x.len(), 10);
+        assert!((fd(&f, &x, &dir) - dotf(&dx, &dir)).abs() < 2e-3);
+        let fw = |w: &[f32]| {
+            let wt = crate::tensor::Tensor::from_f32(vec![d], w.to_vec()).unwrap();
+            let mut o = vec![0.0; x.len()];
+            crate::ops::norm::rms_norm(&x, &wt, 1e-5, &mut o);
+            dotf(&o, &probe)
+        };
+        let dirw = rnd(d, 11);
+        assert!((fd(&fw, &w, &dirw) - dotf(&dw, &dirw)).abs() < 2e-3);
+
+        let (g, u) = (rnd(40, 12), rnd(40, 13));
+        let p = rnd(40, 14);
+        let (dg, du) = swiglu_back(&g, &u, &p);
+        let fs = |g: &[f32], u: &[f32]| {
+            let mut o = vec![0.0; 40];
+            crate::ops::activation::swiglu(g, u, &mut o);
+            dotf(&o, &p)
+        };
+        let dir = rnd(40, 15);
+        assert!((fd(&|x| fs(x, &u), &g, &dir) - dotf(&dg, &dir)).abs() < 2e-3);
+        assert!((fd(&|x| fs(&g, x), &u, &dir) - dotf(&du, &dir)).abs() < 2e-3);
+    }
+}

@@ -1,0 +1,382 @@
+//! Runs a [`TrainGraph`]: the prefix alone (to cache a window's input), or a whole step
+//! (window forward, loss, backward) accumulating parameter gradients. Values are freed
+//! after their last reader, so a step holds only what the backward still needs.
+
+use std::collections::HashMap;
+
+use super::grad;
+use super::graph::{TOp, TVal, TrainGraph, WeightRef};
+use super::lora::{ParamId, Params};
+use crate::error::{Result, RuntimeError};
+use crate::ir::{Graph, WeightData};
+use crate::kernels::linear::linear;
+use crate::ops::activation::{add, swiglu};
+use crate::ops::attention::{AttnShape, KvSlot, attention};
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::RopeTable;
+use crate::tensor::Tensor;
+
+/// Gradients of the parameters a step updates.
+#[derive(Debug, Clone, Default)]
+pub struct Grads {
+    pub tensors: HashMap<ParamId, Vec<f32>>,
+}
+
+impl Grads {
+    /// Zeroed gradients for `ids`.
+    pub fn zeros(params: &Params, ids: &[ParamId]) -> Grads {
+        Grads {
+            tensors: ids
+                .iter()
+                .map(|&i| (i, vec![0.0; params.get(i).data.len()]))
+                .collect(),
+        }
+    }
+    pub fn zero(&mut self) {
+        for g in self.tensors.values_mut() {
+            g.fill(0.0);
+        }
+    }
+    /// The global L2 norm.
+    pub fn norm(&self) -> f64 {
+        self.tensors
+            .values()
+            .flatten()
+            .map(|&g| (g as f64) * (g as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+}
+
+/// What the loss of a step came to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossStats {
+    /// The weighted loss (the value differentiated).
+    pub loss: f64,
+    /// Sum of the unweighted token losses (nats) and how many tokens were scored.
+    pub nll_sum: f64,
+    pub count: usize,
+}
+
+/// The shifted next-token targets of one sequence: row `t` predicts `tokens[t + 1]`.
+pub fn shifted_targets(tokens: &[u32]) -> Vec<Option<u32>> {
+    let mut t: Vec<Option<u32>> = tokens[1..].iter().map(|&x| Some(x)).collect();
+    t.push(None);
+    t
+}
+
+/// Interprets training graphs of one base graph and parameter set.
+pub struct TrainRunner<'a> {
+    pub graph: &'a Graph,
+    pub params: &'a Params,
+}
+
+struct Ctx<'a> {
+    tokens: &'a [u32],
+    targets: &'a [Option<u32>],
+    weight: f32,
+    grads: Option<&'a mut Grads>,
+    stats: LossStats,
+}
+
+impl<'a> TrainRunner<'a> {
+    pub fn new(graph: &'a Graph, params: &'a Params) -> Self {
+        TrainRunner { graph, params }
+    }
+
+    /// The window input (the prefix's output) for `tokens`.
+    pub fn prefix(&self, tg: &TrainGraph, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        if tg.prefix.is_empty() {
+            return Err(RuntimeError::Invalid("the training graph has no prefix".into()));
+        }
+        let mut ctx = Ctx {
+            tokens,
+            targets: &[],
+            weight: 0.0,
+            grads: None,
+            stats: LossStats::default(),
+        };
+        let mut vals = self.exec(tg, tg.prefix.clone(), vec![], &mut ctx, &[tg.window_input])?;
+        Ok(vals.remove(0))
+    }
+
+    /// One forward + backward of `tokens` with loss terms weighted by `weight` (e.g. one
+    /// over the scored tokens of the whole batch); gradients are added into `grads`.
+    /// `window_input`: the cached prefix output, or `None` to run the prefix.
+    pub fn step(
+        &self,
+        tg: &TrainGraph,
+        tokens: &[u32],
+        window_input: Option<Vec<f32>>,
+        weight: f32,
+        grads: &mut Grads,
+    ) -> Result<LossStats> {
+        self.check_tokens(tokens)?;
+        if tokens.len() < 2 {
+            return Err(RuntimeError::Invalid(
+                "a training sequence needs at least 2 tokens".into(),
+            ));
+        }
+        let targets = shifted_targets(tokens);
+        let mut ctx = Ctx {
+            tokens,
+            targets: &targets,
+            weight,
+            grads: Some(grads),
+            stats: LossStats::default(),
+        };
+        let (range, seeds) = match window_input {
+            Some(x) => {
+                let w = tg.values[tg.window_input.0].width;
+                if x.len() != tokens.len() * w {
+                    return Err(RuntimeError::Invalid(format!(
+                        "cached window input has {} numbers, expected {} x {w}",
+                        x.len(),
+                        tokens.len()
+                    )));
+                }
+                (tg.forward.start..tg.backward.end, vec![(tg.window_input, x)])
+            }
+            None => (0..tg.backward.end, vec![]),
+        };
+        self.exec(tg, range, seeds, &mut ctx, &[])?;
+        Ok(ctx.stats)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.graph.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RuntimeError::BadToken { id: bad, vocab });
+        }
+        if tokens.is_empty() {
+            return Err(RuntimeError::Invalid("no tokens".into()));
+        }
+        Ok(())
+    }
+
+    fn norm_weight(&self, w: WeightRef) -> Result<Vec<f32>> {
+        Ok(match w {
+            WeightRef::Frozen(id) => self.graph.weight(id).data.to_f32_vec(),
+            WeightRef::Param(p) => self.params.get(p).data.clone(),
+        })
+    }
+
+    fn exec(
+        &self,
+        tg: &TrainGraph,
+        range: std::ops::Range<usize>,
+        seeds: Vec<(TVal, Vec<f32>)>,
+        ctx: &mut Ctx<'_>,
+        keep: &[TVal],
+    ) -> Result<Vec<Vec<f32>>> {
+        let g = self.graph;
+        let p = self.params;
+        let rows = ctx.tokens.len();
+        let mut vals: Vec<Option<Vec<f32>>> = vec![None; tg.values.len()];
+        for (v, x) in seeds {
+            vals[v.0] = Some(x);
+        }
+        let mut ropes: Vec<RopeTable> = vec![];
+        let mut rope = |theta: f32, hd: usize| -> RopeTable {
+            if let Some(r) = ropes.iter().find(|r| r.theta == theta && r.head_dim == hd) {
+                return r.clone();
+            }
+            let r = RopeTable::new(theta, hd, rows);
+            ropes.push(r.clone());
+            r
+        };
+        let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
+        let end = range.end;
+        for idx in range {
+            let node = &tg.nodes[idx];
+            let get = |i: usize| -> Result<&[f32]> {
+                vals[node.inputs[i].0].as_deref().ok_or_else(|| {
+                    RuntimeError::InvalidGraph(format!(
+                        "training node `{}` reads `{}`, which was not computed",
+                        node.name, tg.values[node.inputs[i].0].name
+                    ))
+                })
+            };
+            let width = |v: TVal| tg.values[v.0].width;
+            let mut outs: Vec<Vec<f32>> = match &node.op {
+                TOp::Embedding { table } => {
+                    let t = &g.weight(*table).data;
+                    let w = width(node.outputs[0]);
+                    let mut o = vec![0.0; rows * w];
+                    for (row, &tok) in o.chunks_exact_mut(w).zip(ctx.tokens) {
+                        t.read_row_f32(tok as usize, row);
+                    }
+                    vec![o]
+                }
+                TOp::RmsNorm { weight, eps } => {
+                    let w = Tensor::from_f32(vec![width(node.outputs[0])], self.norm_weight(*weight)?)?;
+                    let mut o = vec![0.0; rows * width(node.outputs[0])];
+                    rms_norm(get(0)?, &w, *eps, &mut o);
+                    vec![o]
+                }
+                TOp::Linear { weight } => {
+                    let mut o = vec![0.0; rows * width(node.outputs[0])];
+                    linear(get(0)?, rows, &g.weight(*weight).data, &mut o);
+                    vec![o]
+                }
+                TOp::LoraDown { a, rank } => vec![grad::lora_down(get(0)?, rows, &p.get(*a).data, *rank)],
+                TOp::LoraUp { b, rank, scale } => {
+                    vec![grad::lora_up(get(0)?, rows, &p.get(*b).data, *rank, *scale)]
+                }
+                TOp::Rope {
+                    heads,
+                    head_dim,
+                    theta,
+                } => {
+                    let mut o = get(0)?.to_vec();
+                    rope(*theta, *head_dim).apply(&mut o, *heads, 0);
+                    vec![o]
+                }
+                TOp::Attention {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                } => {
+                    let shape = AttnShape {
+                        heads: *heads,
+                        kv_heads: *kv_heads,
+                        head_dim: *head_dim,
+                    };
+                    let mut o = vec![0.0; rows * heads * head_dim];
+                    let mut kv = KvSlot::new(rows, kv_heads * head_dim);
+                    attention(shape, get(0)?, get(1)?, get(2)?, &mut kv, 0, &mut o);
+                    vec![o]
+                }
+                TOp::SwiGlu => {
+                    let mut o = vec![0.0; rows * width(node.outputs[0])];
+                    swiglu(get(0)?, get(1)?, &mut o);
+                    vec![o]
+                }
+                TOp::Add | TOp::GradSum => {
+                    let mut o = vec![0.0; rows * width(node.outputs[0])];
+                    add(get(0)?, get(1)?, &mut o);
+                    vec![o]
+                }
+                TOp::ExitLoss { head } => {
+                    let owned;
+                    let (hw, dw) = match head {
+                        WeightRef::Frozen(id) => (&g.weight(*id).data, None),
+                        WeightRef::Param(pid) => {
+                            let prm = p.get(*pid);
+                            owned = WeightData::Dense(Tensor::from_f32(prm.shape.clone(), prm.data.clone())?);
+                            let dw = ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(pid));
+                            (&owned, dw.map(|v| v.as_mut_slice()))
+                        }
+                    };
+                    let (loss, raw, count, dx) = grad::head_loss(get(0)?, hw, ctx.targets, ctx.weight, dw);
+                    ctx.stats.loss += loss;
+                    ctx.stats.nll_sum += raw;
+                    ctx.stats.count += count;
+                    vec![vec![loss as f32], dx]
+                }
+                TOp::RmsNormBack { weight, eps, need_dx } => {
+                    let w = self.norm_weight(*weight)?;
+                    let dw = match weight {
+                        WeightRef::Param(pid) => {
+                            ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(pid))
+                        }
+                        WeightRef::Frozen(_) => None,
+                    };
+                    let dx = grad::rms_norm_back(
+                        get(0)?,
+                        &w,
+                        *eps,
+                        get(1)?,
+                        *need_dx,
+                        dw.map(|v| v.as_mut_slice()),
+                    );
+                    dx.into_iter().collect()
+                }
+                TOp::LinearBack { weight } => vec![grad::linear_back(&g.weight(*weight).data, get(0)?, rows)],
+                TOp::LoraUpBack { b, rank, scale } => {
+                    let bp = &p.get(*b).data;
+                    let mut scratch;
+                    let db = match ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(b)) {
+                        Some(d) => d.as_mut_slice(),
+                        None => {
+                            scratch = vec![0.0; bp.len()];
+                            scratch.as_mut_slice()
+                        }
+                    };
+                    vec![grad::lora_up_back(get(0)?, rows, bp, *rank, *scale, get(1)?, db)]
+                }
+                TOp::LoraDownBack { a, rank, need_dx } => {
+                    let ap = &p.get(*a).data;
+                    let mut scratch;
+                    let da = match ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(a)) {
+                        Some(d) => d.as_mut_slice(),
+                        None => {
+                            scratch = vec![0.0; ap.len()];
+                            scratch.as_mut_slice()
+                        }
+                    };
+                    grad::lora_down_back(get(0)?, rows, ap, *rank, get(1)?, da, *need_dx)
+                        .into_iter()
+                        .collect()
+                }
+                TOp::RopeBack {
+                    heads,
+                    head_dim,
+                    theta,
+                } => vec![grad::rope_back(&rope(*theta, *head_dim), get(0)?, *heads)],
+                TOp::AttentionBack {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                } => {
+                    let shape = AttnShape {
+                        heads: *heads,
+                        kv_heads: *kv_heads,
+                        head_dim: *head_dim,
+                    };
+                    let (dq, dk, dv) = grad::attention_back(shape, get(0)?, get(1)?, get(2)?, get(3)?);
+                    vec![dq, dk, dv]
+                }
+                TOp::SwiGluBack => {
+                    let (dg, du) = grad::swiglu_back(get(0)?, get(1)?, get(2)?);
+                    vec![dg, du]
+                }
+            };
+            if outs.len() != node.outputs.len() {
+                return Err(RuntimeError::InvalidGraph(format!(
+                    "training node `{}` produced {} values, the graph names {}",
+                    node.name,
+                    outs.len(),
+                    node.outputs.len()
+                )));
+            }
+            for (o, v) in outs.drain(..).zip(&node.outputs) {
+                if let Some(k) = keep.iter().position(|k| k == v) {
+                    kept[k] = Some(o.clone());
+                }
+                vals[v.0] = Some(o);
+            }
+            for v in &node.inputs {
+                if tg.last_use[v.0] == idx {
+                    vals[v.0] = None;
+                }
+            }
+            // Values nobody reads later (e.g. the loss scalar, a gradient of a frozen input).
+            for v in &node.outputs {
+                if tg.last_use[v.0] <= idx && !keep.contains(v) {
+                    vals[v.0] = None;
+                }
+            }
+        }
+        let _ = end;
+        kept.into_iter()
+            .zip(keep)
+            .map(|(k, v)| {
+                k.ok_or_else(|| {
+                    RuntimeError::InvalidGraph(format!("value `{}` was not computed", tg.values[v.0].name))
+                })
+            })
+            .collect()
+    }
+}
