@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod ops;
 pub mod packed;
 pub mod sampling;
+pub mod service;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

@@ -23,6 +23,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the device's gRPC service (bundles, generation, status; health and reflection).
+    Serve(edge_runtime::service::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Serve(a) => {
+            if let Err(e) = edge_runtime::service::run_cli(a) {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
         Command::Info { json } => {
             let info = serde_json::json!({
                 "runtime_version": env!("CARGO_PKG_VERSION"),

@@ -2,11 +2,14 @@
 
 mod bench;
 mod compress;
+mod deploy;
 mod eval;
 mod generate;
 mod inspect;
 mod policy;
 mod profile;
+mod remote_generate;
+mod status;
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +45,12 @@ enum Command {
     Policy(policy::PolicyArgs),
     /// Compress a model by a policy (quantize and prune each layer) and write the compressed model.
     Compress(compress::CompressArgs),
+    /// Upload a bundle to devices (parallel, resumable) and activate it once all verified it.
+    Deploy(deploy::DeployArgs),
+    /// Show what devices run: active bundle, bundles, memory, streams, uptime.
+    Status(status::StatusArgs),
+    /// Generate text on a device (streamed over gRPC).
+    RemoteGenerate(remote_generate::RemoteGenerateArgs),
 }
 
 /// Runs the command inside a rayon pool of `--threads` workers (all cores by default), so
@@ -56,6 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compress(a) => a.threads(),
         Command::Inspect(_) => None,
         Command::Policy(_) => None,
+        Command::Deploy(_) | Command::Status(_) | Command::RemoteGenerate(_) => None,
     };
     if threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
@@ -76,6 +86,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(a) => profile::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Compress(a) => compress::run(a),
+        Command::Deploy(a) => deploy::run(a),
+        Command::Status(a) => status::run(a),
+        Command::RemoteGenerate(a) => remote_generate::run(a),
     }
 }
 
