@@ -7,3 +7,4 @@ pub mod client;
 pub mod eval;
 pub mod frontend;
 pub mod luc;
+pub mod target;

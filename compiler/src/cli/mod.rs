@@ -1,13 +1,16 @@
 //! Subcommands of `edgec`.
 
 mod bench;
+mod build;
 mod compress;
 mod deploy;
 mod eval;
 mod generate;
 mod inspect;
+mod keygen;
 mod policy;
 mod profile;
+mod verify;
 mod remote_generate;
 mod status;
 
@@ -45,6 +48,12 @@ enum Command {
     Policy(policy::PolicyArgs),
     /// Compress a model by a policy (quantize and prune each layer) and write the compressed model.
     Compress(compress::CompressArgs),
+    /// Build a signed bundle (.edgeb) of a model, compressed by a policy, for one or more targets.
+    Build(build::BuildArgs),
+    /// Write an ed25519 key pair for signing bundles (KEY, KEY.pub).
+    Keygen(keygen::KeygenArgs),
+    /// Check a bundle's integrity and signature against trusted keys.
+    Verify(verify::VerifyArgs),
     /// Upload a bundle to devices (parallel, resumable) and activate it once all verified it.
     Deploy(deploy::DeployArgs),
     /// Show what devices run: active bundle, bundles, memory, streams, uptime.
@@ -63,6 +72,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => a.threads(),
         Command::Profile(a) => a.threads(),
         Command::Compress(a) => a.threads(),
+        Command::Build(a) => a.threads(),
+        Command::Keygen(_) | Command::Verify(_) => None,
         Command::Inspect(_) => None,
         Command::Policy(_) => None,
         Command::Deploy(_) | Command::Status(_) | Command::RemoteGenerate(_) => None,
@@ -86,6 +97,9 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(a) => profile::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Compress(a) => compress::run(a),
+        Command::Build(a) => build::run(a),
+        Command::Keygen(a) => keygen::run(a),
+        Command::Verify(a) => verify::run(a),
         Command::Deploy(a) => deploy::run(a),
         Command::Status(a) => status::run(a),
         Command::RemoteGenerate(a) => remote_generate::run(a),

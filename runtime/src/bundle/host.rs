@@ -178,6 +178,46 @@ fn meminfo(key: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The CPU's clock in GHz: cpufreq's maximum, else `/proc/cpuinfo`'s current `cpu MHz`.
+pub fn frequency_ghz() -> Option<f64> {
+    if let Ok(khz) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        && let Ok(khz) = khz.trim().parse::<f64>()
+    {
+        return Some(khz / 1e6);
+    }
+    let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    Some(mhz / 1e3)
+}
+
+/// Measures single-thread sequential read bandwidth (GB/s) over a buffer of `bytes`:
+/// the best of a few passes, each summing the buffer as 64-bit words.
+pub fn measure_read_gb_s(bytes: usize) -> f64 {
+    let words = (bytes / 8).max(1024);
+    let buf: Vec<u64> = (0..words as u64).collect();
+    // Enough passes for ~64 MiB of reads, at least 3.
+    let passes = ((64usize << 20) / (words * 8)).clamp(3, 4096);
+    let mut best = f64::INFINITY;
+    let mut sink = 0u64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        for _ in 0..passes {
+            let mut acc = [0u64; 8];
+            for c in buf.chunks_exact(8) {
+                for (a, &x) in acc.iter_mut().zip(c) {
+                    *a = a.wrapping_add(x);
+                }
+            }
+            sink = sink.wrapping_add(acc.iter().fold(0, |a, &b| a.wrapping_add(b)));
+            std::hint::black_box(&buf);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (words * 8 * passes) as f64 / best.max(1e-9) / 1e9
+}
+
 /// Reads the machine's description.
 pub fn detect() -> HostInfo {
     let arch = std::env::consts::ARCH.to_string();

@@ -73,7 +73,7 @@ pub fn write_key_pair(path: &Path, key: &SigningKey, overwrite: bool) -> Result<
     }
     let io = |p: &Path| {
         let p = p.display().to_string();
-        move |source| BundleError::Io { path: p, source }
+        move |error| BundleError::Io { path: p, error }
     };
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -98,9 +98,9 @@ pub fn write_key_pair(path: &Path, key: &SigningKey, overwrite: bool) -> Result<
 }
 
 fn read_line(path: &Path) -> Result<String, BundleError> {
-    let text = std::fs::read(path).map_err(|source| BundleError::Io {
+    let text = std::fs::read(path).map_err(|error| BundleError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     let text = String::from_utf8(text).map_err(|_| key_error(path, "not a text file"))?;
     Ok(text.trim().to_string())

@@ -70,12 +70,8 @@ pub(crate) fn align_up(x: u64) -> u64 {
 /// Why a bundle was refused. Every variant names the file.
 #[derive(Debug, Error)]
 pub enum BundleError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: not an Edge-LLM bundle ({msg})")]
     NotABundle { path: String, msg: String },
     #[error("{path}: bundle format version {found}; this runtime reads version {FORMAT_VERSION}")]
@@ -198,15 +194,15 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 fn check(path: &Path, policy: &TrustPolicy) -> Result<Checked, BundleError> {
     let p = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| BundleError::Io {
+    let file = std::fs::File::open(path).map_err(|error| BundleError::Io {
         path: p.clone(),
-        source,
+        error,
     })?;
     // SAFETY: the file is mapped read-only; a bundle is never written in place (writers
     // create a new file and rename it), so the mapped bytes do not change under us.
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| BundleError::Io {
+    let map = unsafe { Mmap::map(&file) }.map_err(|error| BundleError::Io {
         path: p.clone(),
-        source,
+        error,
     })?;
     let b: &[u8] = &map;
     if b.len() < MAGIC.len() || &b[..MAGIC.len()] != MAGIC {

@@ -49,9 +49,9 @@ pub struct WrittenBundle {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io {
+    move |error| BundleError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -88,7 +88,13 @@ impl BundleWriter {
             .to_string_lossy()
             .into_owned();
         let tmp = dir.join(format!(".{name}.{}.partial", std::process::id()));
-        let file = File::create(&tmp).map_err(io_err(&tmp))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
         let mut w = BundleWriter {
             dest: dest.to_path_buf(),
             tmp,

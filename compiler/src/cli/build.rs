@@ -1,0 +1,201 @@
+//! `edgec build`: model (+ policy) -> one signed bundle per target.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use edge_runtime::bundle::{self, BundleContents, SigningKey};
+use edge_runtime::ir::Graph;
+use edgec::luc::compress::compress_graph;
+use edgec::luc::policy::Policy;
+use edgec::target::{self, Target, format_size};
+
+#[derive(Args)]
+#[command(
+    after_help = "TARGETS\n  --target takes a name (NAME.toml in --targets-dir, ./targets or the repository's \
+targets/) or a path to a .toml file; `host` describes this machine. With one --target, -o is the bundle \
+file; with several, -o is a directory that receives <target>.edgeb for each.\n\nSTEPS\n  Load the model, \
+compress it by --policy (as `edgec compress`), check that the weights fit each target's memory budget, \
+and write each bundle (graph, tokenizer, policy, weights, target, signature) to a temporary file that is \
+renamed into place once complete."
+)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    model: super::ModelArgs,
+    /// Compression policy (policy.toml, as `edgec policy` writes it); without it the weights
+    /// are bundled as the model holds them.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Calibration text for policies using GPTQ / Wanda / SparseGPT (UTF-8).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration samples.
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Tokens per calibration sample.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Target device(s): a name or a .toml path; repeatable.
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    /// Folder to look for target names in first.
+    #[arg(long)]
+    targets_dir: Option<PathBuf>,
+    /// Private key to sign with (from `edgec keygen`).
+    #[arg(long, required_unless_present = "unsigned")]
+    sign_key: Option<PathBuf>,
+    /// Development: write unsigned bundles (devices refuse them unless started with --allow-unsigned).
+    #[arg(long, conflicts_with = "sign_key")]
+    unsigned: bool,
+    /// Output: the bundle file (one target) or a directory (several).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// Print a JSON report instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl BuildArgs {
+    pub fn threads(&self) -> Option<usize> {
+        self.model.threads
+    }
+}
+
+/// The weights must fit the target's model budget.
+fn check_budget(t: &Target, graph: &Graph) -> anyhow::Result<()> {
+    let need = graph.weight_bytes() as u64;
+    if need > t.budget_bytes {
+        anyhow::bail!(
+            "target `{}` ({}): the model's weights need {need} bytes ({}), its budget.model_memory is {} bytes \
+({}): over by {} bytes ({}); compress with a smaller --policy or raise the budget",
+            t.name,
+            t.path.display(),
+            format_size_approx(need),
+            t.budget_bytes,
+            format_size(t.budget_bytes),
+            need - t.budget_bytes,
+            format_size_approx(need - t.budget_bytes),
+        );
+    }
+    Ok(())
+}
+
+fn format_size_approx(b: u64) -> String {
+    let mib = b as f64 / (1u64 << 20) as f64;
+    if mib >= 1024.0 {
+        format!("{:.2} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.2} MiB")
+    }
+}
+
+/// Where each target's bundle goes.
+fn outputs(out: &Path, targets: &[Target]) -> anyhow::Result<Vec<PathBuf>> {
+    if targets.len() == 1 {
+        anyhow::ensure!(
+            !out.is_dir(),
+            "{} is a directory; with one --target, -o names the bundle file",
+            out.display()
+        );
+        return Ok(vec![out.to_path_buf()]);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(targets
+        .iter()
+        .map(|t| out.join(format!("{}.edgeb", t.name)))
+        .collect())
+}
+
+pub fn run(a: BuildArgs) -> anyhow::Result<()> {
+    // Everything that can be checked before the (long) compression is checked first.
+    let mut targets: Vec<Target> = vec![];
+    for spec in &a.targets {
+        let t = target::resolve(spec, a.targets_dir.as_deref())?;
+        anyhow::ensure!(
+            !targets.iter().any(|o| o.name == t.name),
+            "target `{}` is given twice",
+            t.name
+        );
+        targets.push(t);
+    }
+    let key: Option<SigningKey> = match &a.sign_key {
+        Some(p) => Some(bundle::read_signing_key(p)?),
+        None => None,
+    };
+    let paths = outputs(&a.output, &targets)?;
+    let model = a.model.load()?;
+    let n_layers = model.graph.config.num_layers;
+    let (graph, policy_text) = match &a.policy {
+        Some(path) => {
+            let text = super::read_text(path)?;
+            let policy = Policy::parse(&text, Some(n_layers))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let samples = match &a.calib {
+                Some(c) => {
+                    let text = super::read_text(c)?;
+                    let tok = super::tokenizer(&model, &a.model.model)?;
+                    Some(
+                        edgec::luc::calib::token_samples(&text, &tok, a.samples, a.seq)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let pb = super::progress_bar(n_layers as u64, "compressing layers");
+            let (g, _) = compress_graph(&model.graph, &policy, samples.as_deref(), |done, _| {
+                pb.set_position(done as u64)
+            })?;
+            pb.finish_and_clear();
+            (g, text)
+        }
+        None => (model.graph.clone(), String::new()),
+    };
+    for t in &targets {
+        check_budget(t, &graph)?;
+    }
+    let source = a.model.model.display().to_string();
+    let mut report = vec![];
+    for (t, path) in targets.iter().zip(&paths) {
+        let contents = BundleContents {
+            graph: &graph,
+            tokenizer: model.tokenizer.as_ref(),
+            policy: policy_text.clone(),
+            target: t.to_manifest(),
+            kernels: vec![],
+            compiler_version: format!("edgec {}", env!("CARGO_PKG_VERSION")),
+            source: source.clone(),
+        };
+        let pb = super::progress_bar(graph.weights.len() as u64, &format!("writing {}", t.name));
+        let written = bundle::write_bundle(path, &contents, key.as_ref(), |done, _| {
+            pb.set_position(done as u64)
+        })?;
+        pb.finish_and_clear();
+        report.push(serde_json::json!({
+            "target": t.name,
+            "arch": t.arch,
+            "path": written.path.display().to_string(),
+            "size": written.size,
+            "sha256": bundle::hex(&written.sha256),
+            "signed": written.signed,
+            "weight_bytes": graph.weight_bytes(),
+            "budget_bytes": t.budget_bytes,
+            "kernels": contents.kernels.len(),
+            "runs_on_this_machine": t.runs_here(),
+        }));
+        if !a.json {
+            println!(
+                "{}  {} bytes  sha256 {}  target {} ({}){}",
+                written.path.display(),
+                written.size,
+                bundle::hex(&written.sha256),
+                t.name,
+                t.arch,
+                if written.signed { "" } else { "  UNSIGNED" }
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "bundles": report }));
+    }
+    Ok(())
+}
