@@ -6,10 +6,12 @@ mod compress;
 mod deploy;
 mod eval;
 mod generate;
+mod grad;
 mod inspect;
 mod keygen;
 mod policy;
 mod profile;
+mod tune;
 mod verify;
 mod remote_generate;
 mod status;
@@ -48,6 +50,10 @@ enum Command {
     Policy(policy::PolicyArgs),
     /// Compress a model by a policy (quantize and prune each layer) and write the compressed model.
     Compress(compress::CompressArgs),
+    /// Tune LoRA adapters on local text (Edge-LLM adaptive layer schedule, or full / last-k).
+    Tune(tune::TuneArgs),
+    /// LoRA gradients of the training graph for given adapters (to check against another framework).
+    Grad(grad::GradArgs),
     /// Build a signed bundle (.edgeb) of a model, compressed by a policy, for one or more targets.
     Build(build::BuildArgs),
     /// Write an ed25519 key pair for signing bundles (KEY, KEY.pub).
@@ -72,6 +78,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => a.threads(),
         Command::Profile(a) => a.threads(),
         Command::Compress(a) => a.threads(),
+        Command::Tune(a) => a.threads(),
+        Command::Grad(a) => a.threads(),
         Command::Build(a) => a.threads(),
         Command::Keygen(_) | Command::Verify(_) => None,
         Command::Inspect(_) => None,
@@ -97,6 +105,8 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(a) => profile::run(a),
         Command::Policy(a) => policy::run(a),
         Command::Compress(a) => compress::run(a),
+        Command::Tune(a) => tune::run(a),
+        Command::Grad(a) => grad::run(a),
         Command::Build(a) => build::run(a),
         Command::Keygen(a) => keygen::run(a),
         Command::Verify(a) => verify::run(a),

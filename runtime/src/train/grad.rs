@@ -254,7 +254,7 @@ pub fn attention_back(
 
 /// Rows of logits computed at once by [`head_loss`]; bounds the memory of the loss to
 /// `HEAD_CHUNK x vocab` whatever the sequence length.
-pub const HEAD_CHUNK: usize = 32;
+pub const HEAD_CHUNK: usize = 64;
 
 /// The loss at an exit and its gradient, fused: `logits = x W^T` (W the head,
 /// `[vocab, d]`), shifted next-token cross-entropy of row `t` against `targets[t]`
@@ -273,6 +273,7 @@ pub fn head_loss(
     let mut dx = vec![0.0; rows * d];
     let (mut loss, mut raw, mut count) = (0.0f64, 0.0f64, 0usize);
     let mut logits = vec![0.0; HEAD_CHUNK.min(rows) * vocab];
+    let dense = head.dense().and_then(|t| t.f32s());
     for r0 in (0..rows).step_by(HEAD_CHUNK) {
         let r1 = (r0 + HEAD_CHUNK).min(rows);
         let n = r1 - r0;
@@ -280,26 +281,51 @@ pub fn head_loss(
             continue;
         }
         let lg = &mut logits[..n * vocab];
-        linear(&x[r0 * d..r1 * d], n, head, lg);
+        let xs = &x[r0 * d..r1 * d];
+        match dense {
+            // One GEMM over the whole vocabulary (the head is the largest product of a step).
+            Some(w) => matmul(
+                ViewMut::new(lg, n, vocab),
+                View::new(xs, n, d),
+                View::new(w, vocab, d).t(),
+                1.0,
+                false,
+            ),
+            None => linear(xs, n, head, lg),
+        }
         for (row, t) in lg.chunks_exact_mut(vocab).zip(&targets[r0..r1]) {
             match t {
                 None => row.fill(0.0),
                 Some(t) => {
                     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f64 = row.iter().map(|&z| ((z - m) as f64).exp()).sum();
-                    let lse = m as f64 + sum.ln();
-                    let term = lse - row[*t as usize] as f64;
+                    let zt = row[*t as usize];
+                    let mut sum = 0.0f64;
+                    for z in row.iter_mut() {
+                        *z = (*z - m).exp();
+                        sum += *z as f64;
+                    }
+                    let term = m as f64 + sum.ln() - zt as f64;
                     raw += term;
                     loss += term * weight as f64;
                     count += 1;
+                    let s = (weight as f64 / sum) as f32;
                     for z in row.iter_mut() {
-                        *z = (((*z as f64) - lse).exp() as f32) * weight;
+                        *z *= s;
                     }
                     row[*t as usize] -= weight;
                 }
             }
         }
-        linear_transposed(lg, n, head, &mut dx[r0 * d..r1 * d]);
+        match dense {
+            Some(w) => matmul(
+                ViewMut::new(&mut dx[r0 * d..r1 * d], n, d),
+                View::new(lg, n, vocab),
+                View::new(w, vocab, d),
+                1.0,
+                false,
+            ),
+            None => linear_transposed(lg, n, head, &mut dx[r0 * d..r1 * d]),
+        }
         if let Some(dw) = dw_acc.as_deref_mut() {
             matmul(
                 ViewMut::new(dw, vocab, d),

@@ -540,3 +540,54 @@ mod tests {
         assert_eq!(parse_targets("all").unwrap().len(), 7);
     }
 }
+
+impl Params {
+    /// Loads adapters saved by [`Params::save_peft`] (or by PEFT itself) for graph `g`:
+    /// rank, alpha and targets from `adapter_config.json`, tensors from
+    /// `adapter_model.safetensors`, exit heads (if any) from `exit_heads.safetensors`.
+    pub fn load_peft_dir(g: &Graph, dir: &Path) -> Result<Params> {
+        let bad = |m: String| RuntimeError::Invalid(format!("{}: {m}", dir.display()));
+        let cfg_path = dir.join("adapter_config.json");
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| bad(format!("adapter_config.json: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("adapter_config.json is not JSON: {e}")))?;
+        let rank = v["r"]
+            .as_u64()
+            .ok_or_else(|| bad("adapter_config.json has no integer `r`".into()))? as usize;
+        let alpha = v["lora_alpha"]
+            .as_f64()
+            .ok_or_else(|| bad("adapter_config.json has no `lora_alpha`".into()))?;
+        let targets = match &v["target_modules"] {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|t| t.as_str().unwrap_or("").parse::<Module>())
+                .collect::<Result<Vec<_>>>()?,
+            serde_json::Value::String(s) => parse_targets(s)?,
+            _ => return Err(bad("adapter_config.json has no `target_modules`".into())),
+        };
+        let exits: Vec<usize> = v["edge_llm"]["exits"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .unwrap_or_default();
+        let exit_file = dir.join("exit_heads.safetensors");
+        let (mut has_norm, mut has_head) = (false, false);
+        if exit_file.exists() {
+            for name in read_f32_safetensors(&exit_file)?.keys() {
+                has_norm |= name.ends_with(".norm.weight");
+                has_head |= name.ends_with(".head.weight");
+            }
+        }
+        let lora = LoraConfig {
+            rank,
+            alpha: alpha as f32,
+            targets,
+        };
+        let mut p = Params::new(g, lora, &exits, has_norm, has_head, 0)?;
+        p.load_safetensors(&dir.join("adapter_model.safetensors"))?;
+        if exit_file.exists() {
+            p.load_safetensors(&exit_file)?;
+        }
+        Ok(p)
+    }
+}

@@ -48,6 +48,32 @@ impl Grads {
     }
 }
 
+static OP_TIMES: std::sync::Mutex<Vec<(&'static str, f64, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether per-op timing is on (`EDGE_TRAIN_PROFILE=1`).
+pub fn op_profile_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("EDGE_TRAIN_PROFILE").is_some_and(|v| v != "0"))
+}
+
+fn record_op_time(op: &'static str, secs: f64) {
+    let mut t = OP_TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    match t.iter_mut().find(|e| e.0 == op) {
+        Some(e) => {
+            e.1 += secs;
+            e.2 += 1;
+        }
+        None => t.push((op, secs, 1)),
+    }
+}
+
+/// Seconds spent per op kind (and calls) since the start, when profiling is on.
+pub fn op_times() -> Vec<(&'static str, f64, usize)> {
+    let mut t = OP_TIMES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    t.sort_by(|a, b| b.1.total_cmp(&a.1));
+    t
+}
+
 /// What the loss of a step came to.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossStats {
@@ -188,8 +214,10 @@ impl<'a> TrainRunner<'a> {
         };
         let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
         let end = range.end;
+        let profile = op_profile_enabled();
         for idx in range {
             let node = &tg.nodes[idx];
+            let t0 = profile.then(std::time::Instant::now);
             let get = |i: usize| -> Result<&[f32]> {
                 vals[node.inputs[i].0].as_deref().ok_or_else(|| {
                     RuntimeError::InvalidGraph(format!(
@@ -343,6 +371,9 @@ impl<'a> TrainRunner<'a> {
                     vec![dg, du]
                 }
             };
+            if let Some(t0) = t0 {
+                record_op_time(node.op.name(), t0.elapsed().as_secs_f64());
+            }
             if outs.len() != node.outputs.len() {
                 return Err(RuntimeError::InvalidGraph(format!(
                     "training node `{}` produced {} values, the graph names {}",

@@ -324,3 +324,136 @@ mod tests {
         assert!(w[1] > 0.95 && (w[0] + w[1] - 1.0).abs() < 1e-5, "{w:?}");
     }
 }
+
+/// Perplexity and next-token accuracy of one exit or voting mode.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Score {
+    pub name: String,
+    pub nll_sum: f64,
+    pub correct: usize,
+    pub count: usize,
+}
+
+impl Score {
+    fn add(&mut self, p: &[f32], target: u32) {
+        let pt = p[target as usize].max(1e-30) as f64;
+        self.nll_sum -= pt.ln();
+        let best = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0);
+        self.correct += (best == target) as usize;
+        self.count += 1;
+    }
+    pub fn perplexity(&self) -> f64 {
+        (self.nll_sum / self.count.max(1) as f64).exp()
+    }
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.count.max(1) as f64
+    }
+}
+
+/// Scores of every exit and every voting mode over a text, plus the exits' target
+/// probabilities (to fit weights).
+#[derive(Debug, Clone, Default)]
+pub struct ExitEval {
+    pub exits: Vec<Score>,
+    pub votes: Vec<Score>,
+    pub p_target: Vec<Vec<f32>>,
+}
+
+/// Evaluates `exits` and `votes` on `tokens` with llama.cpp's perplexity protocol
+/// (non-overlapping chunks of `ctx`, BOS first when `bos`, the second half of each chunk
+/// scored). `progress(done, total)` after each chunk.
+pub fn evaluate_exits(
+    exec: &crate::exec::Executor,
+    exits: &Exits,
+    votes: &[Vote],
+    tokens: &[u32],
+    ctx: usize,
+    max_chunks: Option<usize>,
+    bos: Option<u32>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<ExitEval> {
+    if ctx < 4 {
+        return Err(RuntimeError::Invalid(format!(
+            "ctx must be at least 4 (got {ctx})"
+        )));
+    }
+    let n_chunks = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));
+    if n_chunks == 0 {
+        return Err(RuntimeError::Invalid(format!(
+            "the text has {} tokens, fewer than one chunk of {ctx}",
+            tokens.len()
+        )));
+    }
+    let first = ctx / 2;
+    let taps = exits.taps();
+    let mut out = ExitEval {
+        exits: exits
+            .layers()
+            .iter()
+            .map(|l| Score {
+                name: format!("exit {l}"),
+                ..Default::default()
+            })
+            .collect(),
+        votes: votes
+            .iter()
+            .map(|v| Score {
+                name: v.name().into(),
+                ..Default::default()
+            })
+            .collect(),
+        p_target: vec![],
+    };
+    let mut session = exec.session(ctx);
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        session.reset();
+        let step = exec.forward(
+            &mut session,
+            &chunk,
+            crate::exec::Rows::Range(first..ctx - 1),
+            &taps,
+        )?;
+        let d = exec.graph().config.hidden_size;
+        let scored = ctx - 1 - first;
+        // Taps before the graph's row selection hold every row of the chunk.
+        let logits: Vec<Vec<f32>> = (0..taps.len())
+            .map(|i| {
+                let h = &step.taps[i];
+                let rows = if h.len() == ctx * d {
+                    &h[first * d..(ctx - 1) * d]
+                } else {
+                    &h[..]
+                };
+                debug_assert_eq!(rows.len(), scored * d);
+                exits.logits(i, rows)
+            })
+            .collect();
+        let vocab = exits.head.shape()[0];
+        for r in 0..ctx - 1 - first {
+            let target = chunk[first + r + 1];
+            let probs: Vec<Vec<f32>> = logits
+                .iter()
+                .map(|l| probabilities(&l[r * vocab..(r + 1) * vocab]))
+                .collect();
+            for (s, p) in out.exits.iter_mut().zip(&probs) {
+                s.add(p, target);
+            }
+            for (s, v) in out.votes.iter_mut().zip(votes) {
+                s.add(&combine(v, &probs)?, target);
+            }
+            out.p_target
+                .push(probs.iter().map(|p| p[target as usize]).collect());
+        }
+        progress(c + 1, n_chunks);
+    }
+    Ok(out)
+}
