@@ -26,7 +26,7 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("{device}: {status}")]
+    #[error("{device}: {} ({:?})", status.message(), status.code())]
     Rpc { device: String, status: tonic::Status },
     #[error("{0}")]
     Invalid(String),

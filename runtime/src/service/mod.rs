@@ -8,7 +8,7 @@
 //!   one token, one evaluation chunk) at a time in round-robin order, so concurrent streams
 //!   progress fairly and model compute never runs on the async workers.
 //! - [`generate`]: one `Generate` stream as a task (sampling, stop strings, deadline).
-//! - [`voting`]: combining the exits' predictions.
+//! - [`voting`]: the request's voting mode (combined by `train::vote`).
 //! - [`rpc`]: the service methods; [`auth`]: the bearer token.
 
 pub mod auth;

@@ -472,7 +472,7 @@ impl EdgeRuntime for Runtime {
         let model = self.active_model()?;
         let voting = pb::VotingMode::try_from(r.voting)
             .map_err(|_| Status::invalid_argument(format!("unknown voting mode {}", r.voting)))?;
-        voting::check_mode(voting, model.exits)?;
+        let _vote = voting::check_mode(voting, model.exits)?;
         let limits = &self.limits;
         if !(r.temperature.is_finite() && r.temperature >= 0.0) {
             return Err(Status::invalid_argument(format!(

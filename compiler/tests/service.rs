@@ -1,0 +1,715 @@
+//! The device service end to end, over loopback gRPC with the real binaries: `edge-runtime
+//! serve` as a child process, `edgec deploy / status / remote-generate` as clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use edge_proto::runtime as pb;
+use edge_runtime::bundle::{
+    BundleContents, SigningKey, TrustPolicy, generate_key, manifest, read_verifying_key, write_bundle,
+    write_key_pair,
+};
+use edge_runtime::{Executor, Rows};
+use edgec::client::{self, Client, DeviceOptions};
+use edgec::frontend::{self, LoadOptions};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// `edge-runtime` lives in another package, so cargo does not hand its path to this test;
+/// build it (a no-op when fresh) and take it from beside `edgec`.
+fn runtime_bin() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let edgec = PathBuf::from(env!("CARGO_BIN_EXE_edgec"));
+    BUILD.call_once(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "edge-runtime", "--bin", "edge-runtime"]);
+        if edgec.parent().is_some_and(|p| p.ends_with("release")) {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("cargo build").success(),
+            "building edge-runtime failed"
+        );
+    });
+    edgec.with_file_name("edge-runtime")
+}
+
+/// Keys, token and bundles shared by a test.
+struct Setup {
+    dir: tempfile::TempDir,
+    key: SigningKey,
+    public: PathBuf,
+    token: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate_key().unwrap();
+        let public = write_key_pair(&dir.path().join("device-key"), &key, false).unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        Setup {
+            dir,
+            key,
+            public,
+            token,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A bundle of the tiny-llama fixture (dense weights converted to `dtype` when given, so
+    /// two bundles differ), signed by `key`.
+    fn bundle(&self, name: &str, dtype: Option<edge_runtime::DType>, key: Option<&SigningKey>) -> PathBuf {
+        let m = frontend::load(&common::tiny_llama(), &LoadOptions { dtype }).unwrap();
+        let dest = self.path(name);
+        let contents = BundleContents {
+            graph: &m.graph,
+            tokenizer: m.tokenizer.as_ref(),
+            policy: String::new(),
+            target: manifest::Target {
+                name: "host".into(),
+                arch: std::env::consts::ARCH.into(),
+                features: vec![],
+                description: String::new(),
+            },
+            kernels: vec![],
+            compiler_version: "test".into(),
+            source: "tiny-llama".into(),
+        };
+        write_bundle(&dest, &contents, key, |_, _| {}).unwrap();
+        dest
+    }
+
+    fn options(&self) -> DeviceOptions {
+        DeviceOptions {
+            token: TOKEN.into(),
+            ca_cert: None,
+            max_message_bytes: 4 << 20,
+        }
+    }
+
+    fn device(&self, data: &str, extra: &[&str], env: &[(&str, &str)]) -> Device {
+        let data_dir = self.path(data);
+        let mut child = Command::new(runtime_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .arg("--trusted-key")
+            .arg(&self.public)
+            .arg("--token-file")
+            .arg(&self.token)
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn edge-runtime serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("edge-runtime serve did not start: {line:?}"))
+            .to_string();
+        Device {
+            child,
+            url: format!("http://{addr}"),
+            data_dir,
+        }
+    }
+
+    fn edgec(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_edgec"))
+            .args(args)
+            .arg("--token-file")
+            .arg(&self.token)
+            .output()
+            .unwrap()
+    }
+
+    /// `edgec deploy --bundle B --device URL --json` with `extra` arguments.
+    fn deploy(&self, bundle: &Path, dev: &Device, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec![
+            "deploy",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--device",
+            &dev.url,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        self.edgec_json(&args)
+    }
+
+    fn edgec_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.edgec(args);
+        assert!(
+            out.status.success(),
+            "edgec {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+struct Device {
+    child: Child,
+    url: String,
+    data_dir: PathBuf,
+}
+
+impl Device {
+    /// SIGKILL, no chance to clean up.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Greedy tokens of the bundle's graph run here with the executor (no service involved).
+fn local_greedy(bundle: &Path, public: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    let policy = TrustPolicy::trusting(vec![read_verifying_key(public).unwrap()]);
+    let b = edge_runtime::bundle::Bundle::open(bundle, &policy).unwrap();
+    let exec = Executor::new(b.graph_arc()).unwrap();
+    let mut s = exec.session(prompt.len() + n);
+    let mut out = exec.forward(&mut s, prompt, Rows::Last, &[]).unwrap();
+    let mut tokens = vec![];
+    loop {
+        let t = edge_runtime::sampling::argmax(&out.logits);
+        tokens.push(t);
+        if tokens.len() == n {
+            return tokens;
+        }
+        out = exec.forward(&mut s, &[t], Rows::Last, &[]).unwrap();
+    }
+}
+
+fn sha_of(path: &Path) -> String {
+    client::deploy::file_sha256(path).unwrap().0
+}
+
+async fn generate(c: &mut Client, prompt: &[u32], n: u32) -> Result<Vec<u32>, tonic::Status> {
+    let req = pb::GenerateRequest {
+        prompt_tokens: prompt.to_vec(),
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut tokens = vec![];
+    while let Some(m) = stream.message().await? {
+        tokens.extend(m.token);
+        if m.done {
+            assert_eq!(m.generated_tokens as usize, tokens.len());
+            return Ok(tokens);
+        }
+    }
+    panic!("stream ended without its final message");
+}
+
+async fn query(c: &mut Client, sha: &str) -> pb::QueryUploadReply {
+    let req = pb::QueryUploadRequest {
+        sha256: sha.to_string(),
+        kind: pb::UploadKind::Bundle as i32,
+    };
+    c.query_upload(req).await.unwrap().into_inner()
+}
+
+async fn list(c: &mut Client) -> pb::ListBundlesReply {
+    c.list_bundles(pb::ListBundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn code(r: Result<impl std::fmt::Debug, tonic::Status>) -> tonic::Code {
+    r.expect_err("the call should have been refused").code()
+}
+
+const PROMPT: [u32; 5] = [1, 17, 42, 99, 3];
+
+#[test]
+fn deploy_activate_generate_matches_local_run() {
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let dev = s.device("dev", &[], &[]);
+    let v = s.deploy(&b1, &dev, &[]);
+    let d = &v["devices"][0];
+    assert_eq!(d["activated"], true, "{v}");
+    assert_eq!(d["skipped"], false, "{v}");
+    assert_eq!(d["sha256"], sha_of(&b1));
+    // Installed under its hash, byte for byte.
+    let installed = dev.data_dir.join("bundles").join(sha_of(&b1));
+    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(&b1).unwrap());
+
+    let st = s.edgec_json(&["status", "--device", &dev.url, "--json"]);
+    assert_eq!(st["devices"][0]["active_sha256"], sha_of(&b1), "{st}");
+    assert_eq!(st["devices"][0]["bundles"][0]["name"], "b1.edgeb");
+
+    let prompt = PROMPT.map(|t| t.to_string()).join(",");
+    let g = s.edgec_json(&[
+        "remote-generate",
+        "--device",
+        &dev.url,
+        "--prompt-tokens",
+        &prompt,
+        "-n",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let remote: Vec<u32> = serde_json::from_value(g["tokens"].clone()).unwrap();
+    assert_eq!(remote, local_greedy(&b1, &s.public, &PROMPT, 24));
+    assert_eq!(g["finish_reason"], "length");
+
+    // Voting modes other than `last` need exit heads.
+    let out = s.edgec(&[
+        "remote-generate",
+        "--device",
+        &dev.url,
+        "--prompt-tokens",
+        &prompt,
+        "--voting",
+        "mean",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no exit heads") && err.contains("InvalidArgument"),
+        "{err}"
+    );
+
+    // A second deploy finds the bundle there and sends nothing.
+    let v = s.deploy(&b1, &dev, &[]);
+    assert_eq!(v["devices"][0]["skipped"], true, "{v}");
+
+    // A second bundle, then rollback to the first.
+    let b2 = s.bundle("b2.edgeb", Some(edge_runtime::DType::F16), Some(&s.key));
+    s.deploy(&b2, &dev, &[]);
+    rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let l = list(&mut c).await;
+        assert_eq!(
+            (l.active.clone(), l.previous.clone()),
+            (sha_of(&b2), vec![sha_of(&b1)])
+        );
+        assert_eq!(
+            code(
+                c.delete_bundle(pb::DeleteBundleRequest { sha256: sha_of(&b2) })
+                    .await
+            ),
+            tonic::Code::FailedPrecondition
+        );
+        let r = c.rollback(pb::RollbackRequest {}).await.unwrap().into_inner();
+        assert_eq!((r.active, r.previous), (sha_of(&b1), sha_of(&b2)));
+        assert_eq!(generate(&mut c, &PROMPT, 24).await.unwrap(), remote);
+        let d = c
+            .delete_bundle(pb::DeleteBundleRequest { sha256: sha_of(&b2) })
+            .await
+            .unwrap();
+        assert!(d.into_inner().deleted);
+        let l = list(&mut c).await;
+        assert_eq!(l.bundles.len(), 1);
+    });
+}
+
+/// Sends `bytes[..cut]` and then holds the stream open until the call is dropped.
+async fn cut_upload(c: &mut Client, bytes: Arc<Vec<u8>>, sha: String, cut: usize) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let sender = tokio::spawn(async move {
+        let total = bytes.len() as u64;
+        let mut pos = 0;
+        while pos < cut {
+            let end = (pos + 4096).min(cut);
+            let msg = pb::UploadChunk {
+                sha256: if pos == 0 { sha.clone() } else { String::new() },
+                total_size: total,
+                offset: pos as u64,
+                data: bytes[pos..end].to_vec(),
+                name: String::new(),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+            pos = end;
+        }
+        // Never finish: the connection is cut from this side instead.
+        std::future::pending::<()>().await;
+    });
+    let call = c.upload_bundle(tokio_stream::wrappers::ReceiverStream::new(rx));
+    // Let the chunks go out, then drop the call mid-stream.
+    let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
+    sender.abort();
+}
+
+#[test]
+fn upload_cut_at_a_random_byte_resumes_to_the_same_bundle() {
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let bytes = Arc::new(std::fs::read(&b1).unwrap());
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let cut = 1 + seed % (bytes.len() - 1);
+    eprintln!("cutting the upload at byte {cut} of {}", bytes.len());
+    let dev = s.device("dev", &[], &[]);
+    let sha = sha_of(&b1);
+    let held = rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        cut_upload(&mut c, bytes.clone(), sha.clone(), cut).await;
+        let q = query(&mut c, &sha).await;
+        assert!(!q.installed);
+        q.bytes_held
+    });
+    assert!(
+        held <= cut as u64,
+        "the device holds {held} bytes, more than the {cut} sent"
+    );
+    // The partial file is never taken for the bundle.
+    assert!(!dev.data_dir.join("bundles").join(&sha).exists());
+    let v = s.deploy(&b1, &dev, &["--chunk-bytes", "4096"]);
+    let d = &v["devices"][0];
+    assert_eq!(d["resumed_from"], held, "{v}");
+    assert_eq!(d["bytes_sent"], bytes.len() as u64 - held, "{v}");
+    assert_eq!(d["activated"], true);
+    assert_eq!(
+        std::fs::read(dev.data_dir.join("bundles").join(&sha)).unwrap(),
+        *bytes
+    );
+}
+
+#[test]
+fn sigkill_during_install_keeps_serving_the_old_bundle() {
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let b2 = s.bundle("b2.edgeb", Some(edge_runtime::DType::F16), Some(&s.key));
+    let (sha1, sha2) = (sha_of(&b1), sha_of(&b2));
+    let expected = local_greedy(&b1, &s.public, &PROMPT, 16);
+    {
+        let dev = s.device("dev", &[], &[]);
+        s.deploy(&b1, &dev, &[]);
+    }
+    // The device pauses between verifying and renaming; it is killed in that window.
+    let mut dev = s.device("dev", &[], &[("EDGE_RUNTIME_FAULT_PAUSE_INSTALL_MS", "60000")]);
+    let part = dev.data_dir.join("bundles").join(format!("{sha2}.part"));
+    let size = std::fs::metadata(&b2).unwrap().len();
+    let mut deploy = Command::new(env!("CARGO_BIN_EXE_edgec"))
+        .args([
+            "deploy",
+            "--bundle",
+            b2.to_str().unwrap(),
+            "--device",
+            &dev.url,
+            "--json",
+            "--token-file",
+        ])
+        .arg(&s.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < size {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the upload never completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Hashing and signature checks take a moment; the pause holds the install open.
+    std::thread::sleep(Duration::from_millis(500));
+    dev.kill();
+    let _ = deploy.kill();
+    let _ = deploy.wait();
+
+    let dev = s.device("dev", &[], &[]);
+    rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(st.active_sha256, sha1);
+        assert_eq!(generate(&mut c, &PROMPT, 16).await.unwrap(), expected);
+        let l = list(&mut c).await;
+        assert_eq!(
+            l.bundles.iter().map(|b| b.sha256.clone()).collect::<Vec<_>>(),
+            vec![sha1.clone()]
+        );
+        let q = query(&mut c, &sha2).await;
+        assert!(!q.installed);
+        assert_eq!(q.bytes_held, size);
+    });
+    // Resuming finishes the install without sending the bytes again.
+    let v = s.deploy(&b2, &dev, &[]);
+    assert_eq!(v["devices"][0]["bytes_sent"], 0, "{v}");
+    assert_eq!(v["devices"][0]["activated"], true, "{v}");
+}
+
+#[test]
+fn tokens_limits_and_untrusted_bundles_are_refused() {
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let dev = s.device(
+        "dev",
+        &[
+            "--max-message-bytes",
+            "65536",
+            "--max-new-tokens",
+            "32",
+            "--max-prompt-tokens",
+            "16",
+        ],
+        &[],
+    );
+    let other = generate_key().unwrap();
+    let untrusted = s.bundle("untrusted.edgeb", None, Some(&other));
+    let unsigned = s.bundle("unsigned.edgeb", None, None);
+    let tampered = s.path("tampered.edgeb");
+    let mut bytes = std::fs::read(&b1).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&tampered, &bytes).unwrap();
+    let deploy_err = |b: &Path| {
+        let out = s.edgec(&[
+            "deploy",
+            "--bundle",
+            b.to_str().unwrap(),
+            "--device",
+            &dev.url,
+            "--chunk-bytes",
+            "32768",
+        ]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = deploy_err(&tampered);
+    assert!(e.contains("InvalidArgument"), "{e}");
+    let e = deploy_err(&untrusted);
+    assert!(e.contains("PermissionDenied") && e.contains("not trusted"), "{e}");
+    let e = deploy_err(&unsigned);
+    assert!(e.contains("PermissionDenied") && e.contains("not signed"), "{e}");
+    // Refused uploads leave nothing behind.
+    let left: Vec<_> = std::fs::read_dir(dev.data_dir.join("bundles")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    rt().block_on(async {
+        let mut good = client::connect(&dev.url, &s.options()).await.unwrap();
+        // No active bundle yet.
+        assert_eq!(
+            code(generate(&mut good, &PROMPT, 4).await),
+            tonic::Code::FailedPrecondition
+        );
+        let mut wrong = DeviceOptions {
+            token: "wrong-token-0123456789abcdef".into(),
+            ..s.options()
+        };
+        let mut c = client::connect(&dev.url, &wrong).await.unwrap();
+        assert_eq!(
+            code(c.status(pb::StatusRequest {}).await),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(generate(&mut c, &PROMPT, 4).await),
+            tonic::Code::Unauthenticated
+        );
+        wrong.token = format!("{TOKEN}x");
+        let mut c = client::connect(&dev.url, &wrong).await.unwrap();
+        assert_eq!(
+            code(c.list_bundles(pb::ListBundlesRequest {}).await),
+            tonic::Code::Unauthenticated
+        );
+        // No token at all.
+        let ch = client::channel(&dev.url, &s.options()).await.unwrap();
+        let mut bare = pb::edge_runtime_client::EdgeRuntimeClient::new(ch.clone());
+        assert_eq!(
+            code(bare.status(pb::StatusRequest {}).await),
+            tonic::Code::Unauthenticated
+        );
+        // Health needs no token.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+        let h = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "edge.runtime.v1.EdgeRuntime".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            h.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+
+        let up = s.options();
+        let mut c = client::connect(&dev.url, &up).await.unwrap();
+        let sha = sha_of(&b1);
+        let u = client::deploy::Upload {
+            device: &dev.url,
+            kind: pb::UploadKind::Bundle,
+            path: &b1,
+            sha256: &sha,
+            size: std::fs::metadata(&b1).unwrap().len(),
+            chunk_bytes: 32768,
+            max_attempts: 2,
+        };
+        client::deploy::upload(&mut c, &u, Arc::new(|_| {}))
+            .await
+            .unwrap();
+        c.activate(pb::ActivateRequest { sha256: sha.clone() })
+            .await
+            .unwrap();
+        // A message over the device's limit.
+        let huge = vec![7u32; 100_000];
+        assert_eq!(
+            code(generate(&mut c, &huge, 4).await),
+            tonic::Code::ResourceExhausted
+        );
+        let long = vec![7u32; 17];
+        assert_eq!(
+            code(generate(&mut c, &long, 4).await),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(generate(&mut c, &PROMPT, 33).await),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(generate(&mut c, &[300], 4).await),
+            tonic::Code::InvalidArgument
+        );
+        let bad = pb::GenerateRequest {
+            prompt_tokens: PROMPT.to_vec(),
+            top_p: 2.0,
+            ..Default::default()
+        };
+        assert_eq!(code(c.generate(bad).await), tonic::Code::InvalidArgument);
+        // An upload chunk over the limit.
+        let big = client::deploy::Upload {
+            device: &dev.url,
+            kind: pb::UploadKind::Dataset,
+            path: &b1,
+            sha256: &sha,
+            size: std::fs::metadata(&b1).unwrap().len(),
+            chunk_bytes: 100_000,
+            max_attempts: 1,
+        };
+        let e = client::deploy::upload(&mut c, &big, Arc::new(|_| {}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
+        // Deadlines are honoured on a stream.
+        let mut req = tonic::Request::new(pb::GenerateRequest {
+            prompt_tokens: PROMPT.to_vec(),
+            max_tokens: 32,
+            ignore_eos: true,
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_nanos(1));
+        let r = async {
+            let mut st = c.generate(req).await?.into_inner();
+            while st.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        // tonic's server ends an expired unary phase with CANCELLED, the stream with
+        // DEADLINE_EXCEEDED; either way the request does not run to its end.
+        let c2 = code(r);
+        assert!(
+            matches!(c2, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+            "{c2:?}"
+        );
+        // Still serving after all that.
+        assert_eq!(generate(&mut c, &PROMPT, 8).await.unwrap().len(), 8);
+    });
+}
+
+#[test]
+fn concurrent_streams_match_a_single_stream() {
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let dev = s.device("dev", &["--max-streams", "64", "--workers", "2"], &[]);
+    s.deploy(&b1, &dev, &[]);
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| vec![1, 10 + i, 20 + 2 * i, 5]).collect();
+    rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let mut alone = vec![];
+        for p in &prompts {
+            alone.push(generate(&mut c, p, 24).await.unwrap());
+        }
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let (url, opts, p) = (dev.url.clone(), s.options(), prompts[i % 4].clone());
+                tokio::spawn(async move {
+                    let mut c = client::connect(&url, &opts).await.unwrap();
+                    generate(&mut c, &p, 24).await.unwrap()
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), alone[i % 4], "stream {i}");
+        }
+        // Once all finished, every slot is free again.
+        let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!((st.active_streams, st.max_streams), (0, 64));
+    });
+}
+
+#[test]
+fn python_grpcio_client_talks_to_the_device() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("\n\n*** SKIPPED: python3 is not installed; the grpcio client check did not run ***\n\n");
+        return;
+    }
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let dev = s.device("dev", &[], &[]);
+    s.deploy(&b1, &dev, &[]);
+    let out = Command::new("bash")
+        .arg(common::repo().join("scripts/grpc-python-check.sh"))
+        .arg(dev.url.trim_start_matches("http://"))
+        .arg(&s.token)
+        .arg(PROMPT.map(|t| t.to_string()).join(","))
+        .arg("12")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "grpc-python-check.sh failed");
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    let services: Vec<String> = serde_json::from_value(v["services"].clone()).unwrap();
+    for want in ["edge.runtime.v1.EdgeRuntime", "grpc.health.v1.Health"] {
+        assert!(
+            services.iter().any(|s| s == want),
+            "{want} not listed: {services:?}"
+        );
+    }
+    assert_eq!(v["health"], "SERVING");
+    assert_eq!(v["no_token"], "UNAUTHENTICATED");
+    let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(tokens, local_greedy(&b1, &s.public, &PROMPT, 12));
+}
