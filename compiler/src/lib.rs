@@ -4,6 +4,7 @@
 //! `eval` scores a model's perplexity with the runtime's executor.
 
 pub mod client;
+pub mod codegen;
 pub mod eval;
 pub mod frontend;
 pub mod luc;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
 use crate::ir::{Graph, Op, ValueId};
-use crate::kernels::linear;
 use crate::ops::activation::{add, swiglu};
 use crate::ops::attention::{AttnShape, KvSlot, attention};
 use crate::ops::norm::rms_norm;
@@ -64,6 +63,8 @@ pub struct Executor {
     graph: Arc<Graph>,
     /// For each value, the index of the last node that reads it (to free it early).
     last_use: Vec<usize>,
+    /// JIT kernels for compressed weights (`Op::Linear` uses them when present).
+    kernels: Option<Arc<crate::jit::KernelSet>>,
 }
 
 impl Executor {
@@ -76,7 +77,20 @@ impl Executor {
             }
         }
 
-        Ok(Executor { graph, last_use })
+        Ok(Executor {
+            graph,
+            last_use,
+            kernels: None,
+        })
+    }
+
+    /// An executor whose linear ops on compressed weights run the JIT kernels of
+    /// `kernels` (weights without kernels run the reference kernels).
+    pub fn with_kernels(graph: Arc<Graph>, kernels: Arc<crate::jit::KernelSet>) -> Result<Self> {
+        Ok(Executor {
+            kernels: Some(kernels),
+            ..Executor::new(graph)?
+        })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -261,7 +275,8 @@ impl Executor {
                 }
                 Op::Linear { weight } => {
                     let mut o = vec![0.0; r_in * width];
-                    linear(get(0), r_in, &g.weight(*weight).data, &mut o);
+                    let w = g.weight(*weight);
+                    crate::jit::linear(self.kernels.as_deref(), &w.name, get(0), r_in, &w.data, &mut o)?;
                     (o, r_in)
                 }
                 Op::Rope {

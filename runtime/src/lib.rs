@@ -10,6 +10,7 @@ pub mod eval;
 pub mod exec;
 pub mod format;
 pub mod ir;
+pub mod jit;
 pub mod kernels;
 pub mod ops;
 pub mod packed;

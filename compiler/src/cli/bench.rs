@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use clap::Args;
-use edge_runtime::{Executor, Rows};
+use edge_runtime::Rows;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -21,6 +21,10 @@ pub struct BenchArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Kernels for compressed weights: `jit` (generated CLIF compiled for this machine)
+    /// or `reference` (plain Rust).
+    #[arg(long, value_enum, default_value = "reference")]
+    kernels: edgec::codegen::KernelMode,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -42,7 +46,7 @@ impl BenchArgs {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.reps > 0, "--reps must be at least 1");
     let model = a.model.load()?;
-    let exec = Executor::new(Arc::new(model.graph.clone()))?;
+    let exec = edgec::codegen::executor(Arc::new(model.graph.clone()), a.kernels)?;
     let vocab = exec.graph().config.vocab_size as u64;
     // Deterministic pseudo-random tokens (the content does not change the cost).
     let tokens: Vec<u32> = (0..a.prompt_tokens as u64)

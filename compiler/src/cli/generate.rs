@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use edge_runtime::sampling::{Sampler, Sampling};
-use edge_runtime::{Executor, Rows};
+use edge_runtime::Rows;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -32,6 +32,10 @@ pub struct GenerateArgs {
     /// Print a JSON object (prompt and generated token ids, text, timings).
     #[arg(long)]
     json: bool,
+    /// Kernels for compressed weights: `jit` (generated CLIF compiled for this machine)
+    /// or `reference` (plain Rust).
+    #[arg(long, value_enum, default_value = "reference")]
+    kernels: edgec::codegen::KernelMode,
 }
 
 impl GenerateArgs {
@@ -53,7 +57,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     );
     let model = a.model.load()?;
     let tok = super::tokenizer(&model, &a.model.model)?;
-    let exec = Executor::new(Arc::new(model.graph.clone()))?;
+    let exec = edgec::codegen::executor(Arc::new(model.graph.clone()), a.kernels)?;
     let prompt = tok.encode(&a.prompt)?;
     anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
     let mode = if a.temperature == 0.0 {

@@ -1,0 +1,405 @@
+//! CLIF generation for the kernels of [`KernelSpec`]s, explicitly vectorised with 128-bit
+//! vectors and specialised on the weight's shape, bits, group size and scheme.
+//!
+//! Codes are unpacked a *unit* at a time: `min(16, group * bits / 8)` bytes loaded as one
+//! `i8x16`, split into its `8 / bits` bit fields with `band`/`ushr` (field `k` of byte `i`
+//! is code `i * 8 / bits + k`). The matvec kernel never puts codes back in column order:
+//! the runtime permutes the quantized `x` the same way (`QuantizedX`), so each field vector
+//! meets its own `x` lanes. The decode kernel interleaves fields back with `shuffle`.
+//!
+//! The integer dot product of a field vector (unsigned codes) with int8 `x` is written as
+//! the exact tree Cranelift's x86-64 lowering folds into one `vpdpbusd` (AVX-512 VNNI or
+//! AVX-VNNI); on other ISAs the same tree is a correct widening sequence.
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::immediates::Ieee32;
+use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64, I64X2};
+use cranelift_codegen::ir::{
+    AbiParam, ConstantData, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
+};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use edge_runtime::format::QuantScheme;
+use edge_runtime::jit::spec::{KernelKind, KernelSpec};
+use target_lexicon::PointerWidth;
+
+/// Loads and stores: kernel buffers are valid for the spec's shape (checked by the
+/// runtime before every call) but not aligned.
+fn mem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// The function of a kernel, named by [`KernelSpec::name`].
+pub fn build_function(spec: &KernelSpec) -> Function {
+    let nparams = match spec.kind {
+        KernelKind::Matvec => 9,
+        KernelKind::Decode => 6,
+    };
+    let mut sig = Signature::new(CallConv::SystemV);
+    sig.params.extend((0..nparams).map(|_| AbiParam::new(I64)));
+    let mut func = Function::with_name_signature(UserFuncName::testcase(spec.name()), sig);
+    let mut fctx = FunctionBuilderContext::new();
+    let b = FunctionBuilder::new(&mut func, &mut fctx);
+    let mut g = Gen::new(spec, b);
+    match spec.kind {
+        KernelKind::Matvec => g.matvec(),
+        KernelKind::Decode => g.decode(),
+    }
+    g.b.seal_all_blocks();
+    g.b.finalize(TargetFrontendConfig {
+        default_call_conv: CallConv::SystemV,
+        pointer_width: PointerWidth::U64,
+        page_size_align_log2: 12,
+    });
+    func
+}
+
+/// The CLIF text of a kernel (what the bundle's kernel table holds).
+pub fn generate_clif(spec: &KernelSpec) -> String {
+    build_function(spec).display().to_string()
+}
+
+struct Gen<'a> {
+    b: FunctionBuilder<'a>,
+    bits: usize,
+    group: usize,
+    /// Code bytes a group.
+    gb: usize,
+    /// Bytes a unit (one vector load of codes).
+    unit: usize,
+    groups: usize,
+    sym: bool,
+}
+
+impl<'a> Gen<'a> {
+    fn new(spec: &KernelSpec, b: FunctionBuilder<'a>) -> Self {
+        let q = spec.quant();
+        let (bits, group) = (q.bits as usize, q.group as usize);
+        let gb = group * bits / 8;
+        Gen {
+            b,
+            bits,
+            group,
+            gb,
+            unit: gb.min(16),
+            groups: spec.groups(),
+            sym: q.scheme == QuantScheme::Sym,
+        }
+    }
+
+    /// A variable of type `ty` holding `init`.
+    fn var(&mut self, ty: Type, init: Value) -> Variable {
+        let v = self.b.declare_var(ty);
+        self.b.def_var(v, init);
+        v
+    }
+
+    /// Advances the pointer variable `v` (currently `cur`) by `by` bytes; returns the new value.
+    fn bump(&mut self, v: Variable, cur: Value, by: usize) -> Value {
+        let n = self.b.ins().iadd_imm_s(cur, by as i64);
+        self.b.def_var(v, n);
+        n
+    }
+
+    fn splat_i8(&mut self, v: i64) -> Value {
+        let c = self.b.ins().iconst(cranelift_codegen::ir::types::I8, v);
+        self.b.ins().splat(I8X16, c)
+    }
+
+    fn fconst(&mut self, v: f32) -> Value {
+        self.b.ins().f32const(Ieee32::with_float(v))
+    }
+
+    fn shuffle(&mut self, a: Value, c: Value, lanes: [u8; 16]) -> Value {
+        let imm = self
+            .b
+            .func
+            .dfg
+            .immediates
+            .push(ConstantData::from(lanes.to_vec()));
+        self.b.ins().shuffle(a, c, imm)
+    }
+
+    /// `ptr + i * scale`.
+    fn offset(&mut self, ptr: Value, i: Value, scale: i64) -> Value {
+        let s = self.b.ins().imul_imm_s(i, scale);
+        self.b.ins().iadd(ptr, s)
+    }
+
+    /// An f16 (little-endian at `ptr`) as f32: sign-extended and shifted so that its sign
+    /// lands on the f32 sign bit and its exponent and mantissa 13 bits up, masked, then
+    /// scaled by 2^112 (exact for normal and subnormal halves; scales are finite).
+    fn load_f16(&mut self, ptr: Value) -> Value {
+        let h = self.b.ins().sload16(I32, mem(), ptr, 0);
+        let h = self.b.ins().ishl_imm_s(h, 13);
+        let h = self.b.ins().band_imm_s(h, 0x8fff_e000u32 as i32 as i64);
+        let f = self.b.ins().bitcast(F32, MemFlagsData::new(), h);
+        let k = self.fconst(f32::from_bits((127 + 112) << 23));
+        self.b.ins().fmul(f, k)
+    }
+
+    /// Loads unit `u` of the group at `cp` and splits it into its bit fields: field `k`
+    /// lane `i` is code `i * 8 / bits + k` of the unit (lanes past `unit` are zero).
+    fn unit_fields(&mut self, cp: Value, u: usize) -> Vec<Value> {
+        let off = (u * self.unit) as i32;
+        let v = if self.unit == 16 {
+            self.b.ins().load(I8X16, mem(), cp, off)
+        } else {
+            // A half unit (2-bit codes, group 32): eight bytes into the low lanes.
+            let s = self.b.ins().load(I64, mem(), cp, off);
+            let v = self.b.ins().scalar_to_vector(I64X2, s);
+            self.b.ins().bitcast(
+                I8X16,
+                MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
+                v,
+            )
+        };
+        let fields = 8 / self.bits;
+        let mask = (1i64 << self.bits) - 1;
+        let maskv = (fields > 1).then(|| self.splat_i8(mask));
+        (0..fields)
+            .map(|k| {
+                let shifted = if k == 0 {
+                    v
+                } else {
+                    self.b.ins().ushr_imm_s(v, (k * self.bits) as i64)
+                };
+                match maskv {
+                    Some(m) if k + 1 < fields => self.b.ins().band(shifted, m),
+                    _ => shifted,
+                }
+            })
+            .collect()
+    }
+
+    /// `acc + dot(a, c)` per 32-bit lane (four products each) for signed `a` and unsigned
+    /// `c`, in the form the x86-64 lowering folds into `vpdpbusd`.
+    fn dot(&mut self, a: Value, c: Value, acc: Value) -> Value {
+        let al = self.b.ins().swiden_low(a);
+        let cl = self.b.ins().uwiden_low(c);
+        let lo = self.b.ins().imul(al, cl);
+        let ah = self.b.ins().swiden_high(a);
+        let ch = self.b.ins().uwiden_high(c);
+        let hi = self.b.ins().imul(ah, ch);
+        let lol = self.b.ins().swiden_low(lo);
+        let loh = self.b.ins().swiden_high(lo);
+        let plo = self.b.ins().iadd_pairwise(lol, loh);
+        let hil = self.b.ins().swiden_low(hi);
+        let hih = self.b.ins().swiden_high(hi);
+        let phi = self.b.ins().iadd_pairwise(hil, hih);
+        let p = self.b.ins().iadd_pairwise(plo, phi);
+        self.b.ins().iadd(p, acc)
+    }
+
+    /// The group's scale and min (symmetric: `-scale * 2^(bits-1)`).
+    fn scale_min(&mut self, sp: Value, mp: Value) -> (Value, Value) {
+        let s = self.load_f16(sp);
+        let m = if self.sym {
+            let off = self.fconst(-((1u32 << (self.bits - 1)) as f32));
+            self.b.ins().fmul(s, off)
+        } else {
+            self.load_f16(mp)
+        };
+        (s, m)
+    }
+
+    fn matvec(&mut self) {
+        let entry = self.b.create_block();
+        self.b.append_block_params_for_function_params(entry);
+        self.b.switch_to_block(entry);
+        let p = self.b.block_params(entry).to_vec();
+        let (xq, xd, xs, codes, scales, mins, y, r0, r1) =
+            (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
+        let row_codes = (self.groups * self.gb) as i64;
+        let row_scales = 2 * self.groups as i64;
+
+        let cp0 = self.offset(codes, r0, row_codes);
+        let sp0 = self.offset(scales, r0, row_scales);
+        let mp0 = self.offset(mins, r0, row_scales);
+        let n = self.b.ins().isub(r1, r0);
+        let yend = self.offset(y, n, 4);
+
+        let row_head = self.b.create_block();
+        let group = self.b.create_block();
+        let row_end = self.b.create_block();
+        let exit = self.b.create_block();
+        let v_cp = self.var(I64, cp0);
+        let v_sp = self.var(I64, sp0);
+        let v_mp = self.var(I64, mp0);
+        let v_yp = self.var(I64, y);
+        let (v_xq, v_xd, v_xs, v_gend) = (
+            self.b.declare_var(I64),
+            self.b.declare_var(I64),
+            self.b.declare_var(I64),
+            self.b.declare_var(I64),
+        );
+        let v_accf = self.b.declare_var(F32X4);
+        let v_accm = self.b.declare_var(F32);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, y, yend);
+        self.b.ins().brif(more, row_head, &[], exit, &[]);
+
+        // A row: reset the x pointers and accumulators.
+        self.b.switch_to_block(row_head);
+        self.b.def_var(v_xq, xq);
+        self.b.def_var(v_xd, xd);
+        self.b.def_var(v_xs, xs);
+        let sp = self.b.use_var(v_sp);
+        let gend = self.b.ins().iadd_imm_s(sp, row_scales);
+        self.b.def_var(v_gend, gend);
+        let zf = self.fconst(0.0);
+        let zf4 = self.b.ins().splat(F32X4, zf);
+        self.b.def_var(v_accf, zf4);
+        self.b.def_var(v_accm, zf);
+        self.b.ins().jump(group, &[]);
+
+        // A group: integer dot of its codes with the int8 x, then the two float terms.
+        self.b.switch_to_block(group);
+        let (cp, sp, mp) = (self.b.use_var(v_cp), self.b.use_var(v_sp), self.b.use_var(v_mp));
+        let (xqp, xdp, xsp) = (self.b.use_var(v_xq), self.b.use_var(v_xd), self.b.use_var(v_xs));
+        let zi = self.b.ins().iconst(I32, 0);
+        let mut iacc = self.b.ins().splat(I32X4, zi);
+        let units = self.gb / self.unit;
+        let mut xoff = 0i32;
+        for u in 0..units {
+            for f in self.unit_fields(cp, u) {
+                let xv = self.b.ins().load(I8X16, mem(), xqp, xoff);
+                iacc = self.dot(xv, f, iacc);
+                xoff += self.unit as i32;
+            }
+        }
+        let (s, m) = self.scale_min(sp, mp);
+        let d = self.b.ins().load(F32, mem(), xdp, 0);
+        let sd = self.b.ins().fmul(s, d);
+        let sdv = self.b.ins().splat(F32X4, sd);
+        let fi = self.b.ins().fcvt_from_sint(F32X4, iacc);
+        let t = self.b.ins().fmul(fi, sdv);
+        let accf = self.b.use_var(v_accf);
+        let accf = self.b.ins().fadd(accf, t);
+        self.b.def_var(v_accf, accf);
+        let xsum = self.b.ins().load(F32, mem(), xsp, 0);
+        let mt = self.b.ins().fmul(m, xsum);
+        let accm = self.b.use_var(v_accm);
+        let accm = self.b.ins().fadd(accm, mt);
+        self.b.def_var(v_accm, accm);
+        self.bump(v_cp, cp, self.gb);
+        let sp = self.bump(v_sp, sp, 2);
+        self.bump(v_mp, mp, 2);
+        self.bump(v_xq, xqp, self.group);
+        self.bump(v_xd, xdp, 4);
+        self.bump(v_xs, xsp, 4);
+        let gend = self.b.use_var(v_gend);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, sp, gend);
+        self.b.ins().brif(more, group, &[], row_end, &[]);
+
+        // End of a row: horizontal sum, store, next row.
+        self.b.switch_to_block(row_end);
+        let accf = self.b.use_var(v_accf);
+        let mut sum = self.b.use_var(v_accm);
+        let lanes: Vec<Value> = (0..4).map(|l| self.b.ins().extractlane(accf, l)).collect();
+        let pair0 = self.b.ins().fadd(lanes[0], lanes[1]);
+        let pair1 = self.b.ins().fadd(lanes[2], lanes[3]);
+        let h = self.b.ins().fadd(pair0, pair1);
+        sum = self.b.ins().fadd(h, sum);
+        let yp = self.b.use_var(v_yp);
+        self.b.ins().store(mem(), sum, yp, 0);
+        let yp = self.bump(v_yp, yp, 4);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, yp, yend);
+        self.b.ins().brif(more, row_head, &[], exit, &[]);
+
+        self.b.switch_to_block(exit);
+        self.b.ins().return_(&[]);
+    }
+
+    /// The codes of unit `u` in column order, sixteen a vector (the last one partial
+    /// for a half unit: only its low `unit * 8 / bits` codes count).
+    fn unit_in_order(&mut self, cp: Value, u: usize) -> Vec<Value> {
+        let f = self.unit_fields(cp, u);
+        const LO: [u8; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
+        const HI: [u8; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
+        const LO16: [u8; 16] = [0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23];
+        const HI16: [u8; 16] = [8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31];
+        match self.bits {
+            8 => f,
+            4 => vec![self.shuffle(f[0], f[1], LO), self.shuffle(f[0], f[1], HI)],
+            _ => {
+                // Pairs (4i, 4i+1) and (4i+2, 4i+3), then the pairs interleaved.
+                let mut out = vec![];
+                let halves: &[[u8; 16]] = if self.unit == 16 { &[LO, HI] } else { &[LO] };
+                for &h in halves {
+                    let t0 = self.shuffle(f[0], f[1], h);
+                    let t1 = self.shuffle(f[2], f[3], h);
+                    out.push(self.shuffle(t0, t1, LO16));
+                    out.push(self.shuffle(t0, t1, HI16));
+                }
+                out
+            }
+        }
+    }
+
+    fn decode(&mut self) {
+        let entry = self.b.create_block();
+        self.b.append_block_params_for_function_params(entry);
+        self.b.switch_to_block(entry);
+        let p = self.b.block_params(entry).to_vec();
+        let (codes, scales, mins, out, r0, r1) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+        let row_codes = (self.groups * self.gb) as i64;
+        let row_scales = 2 * self.groups as i64;
+        let cp0 = self.offset(codes, r0, row_codes);
+        let sp0 = self.offset(scales, r0, row_scales);
+        let mp0 = self.offset(mins, r0, row_scales);
+        let send = self.offset(scales, r1, row_scales);
+
+        let group = self.b.create_block();
+        let exit = self.b.create_block();
+        let v_cp = self.var(I64, cp0);
+        let v_sp = self.var(I64, sp0);
+        let v_mp = self.var(I64, mp0);
+        let v_op = self.var(I64, out);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, sp0, send);
+        self.b.ins().brif(more, group, &[], exit, &[]);
+
+        // Groups of all rows in turn: the output rows are whole groups long.
+        self.b.switch_to_block(group);
+        let (cp, sp, mp, op) = (
+            self.b.use_var(v_cp),
+            self.b.use_var(v_sp),
+            self.b.use_var(v_mp),
+            self.b.use_var(v_op),
+        );
+        let (s, m) = self.scale_min(sp, mp);
+        let sv = self.b.ins().splat(F32X4, s);
+        let mv = self.b.ins().splat(F32X4, m);
+        let units = self.gb / self.unit;
+        let codes_per_unit = (self.unit * 8 / self.bits) as i32;
+        for u in 0..units {
+            let vecs = self.unit_in_order(cp, u);
+            let mut off = u as i32 * codes_per_unit * 4;
+            let end = (u as i32 + 1) * codes_per_unit * 4;
+            for v in vecs {
+                let lo = self.b.ins().uwiden_low(v);
+                let hi = self.b.ins().uwiden_high(v);
+                for h in [lo, hi] {
+                    for w in [self.b.ins().uwiden_low(h), self.b.ins().uwiden_high(h)] {
+                        if off >= end {
+                            continue;
+                        }
+                        let f = self.b.ins().fcvt_from_sint(F32X4, w);
+                        let f = self.b.ins().fmul(f, sv);
+                        let f = self.b.ins().fadd(f, mv);
+                        self.b.ins().store(mem(), f, op, off);
+                        off += 16;
+                    }
+                }
+            }
+        }
+        self.bump(v_cp, cp, self.gb);
+        let sp = self.bump(v_sp, sp, 2);
+        self.bump(v_mp, mp, 2);
+        self.bump(v_op, op, 4 * self.group);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, sp, send);
+        self.b.ins().brif(more, group, &[], exit, &[]);
+
+        self.b.switch_to_block(exit);
+        self.b.ins().return_(&[]);
+    }
+}

@@ -1,0 +1,255 @@
+//! Generated kernels against the plain Rust reference kernels of their formats (property
+//! tests over random shapes, formats and values), their ahead-of-time compilation for
+//! x86-64 and aarch64, and the instruction selection the matvec kernel relies on.
+
+use std::sync::Arc;
+
+use edge_runtime::format::{QuantScheme, QuantSpec, WeightFormat};
+use edge_runtime::ir::WeightData;
+use edge_runtime::jit::spec::{KernelKind, KernelSpec};
+use edge_runtime::jit::{KernelSet, KernelSource, QuantizedX, matvec_int_reference};
+use edge_runtime::kernels::{linear, linear_transposed};
+use edge_runtime::packed::PackedWeight;
+use edgec::codegen;
+use proptest::prelude::*;
+
+fn sources(weight: &str, rows: usize, cols: usize, f: &WeightFormat) -> Vec<KernelSource> {
+    KernelKind::ALL
+        .iter()
+        .map(|&kind| {
+            let spec = KernelSpec::new(kind, rows, cols, f).unwrap();
+            KernelSource {
+                weight: weight.into(),
+                clif: codegen::generate_clif(&spec),
+                spec,
+            }
+        })
+        .collect()
+}
+
+/// Deterministic values in `[-amp, amp]` (a splitmix-style hash of the index and seed).
+fn values(len: usize, seed: u64, amp: f32) -> Vec<f32> {
+    (0..len as u64)
+        .map(|i| {
+            let mut z = i.wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * amp
+        })
+        .collect()
+}
+
+/// `sum_t |a[i, t]| |b[j, t]|` for `a [m, k]`, `b [n, k]`: the scale of each product's error.
+fn abs_products(a: &[f32], b: &[f32], k: usize) -> Vec<f32> {
+    let mut o = vec![];
+    for ar in a.chunks_exact(k) {
+        for br in b.chunks_exact(k) {
+            o.push(ar.iter().zip(br).map(|(x, y)| x.abs() * y.abs()).sum());
+        }
+    }
+    o
+}
+
+fn close(got: &[f32], want: &[f32], tol: &[f32], what: &str) -> Result<(), TestCaseError> {
+    for (i, ((a, b), t)) in got.iter().zip(want).zip(tol).enumerate() {
+        prop_assert!((a - b).abs() <= *t, "{what} [{i}]: {a} vs {b} (tolerance {t})");
+    }
+    Ok(())
+}
+
+/// Each group's `min` (symmetric: `-scale * 2^(bits-1)`), read from the packed buffers.
+fn group_mins(w: &PackedWeight) -> Vec<f32> {
+    let WeightFormat::Quant(q) = *w.format() else {
+        unreachable!()
+    };
+    let half = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(2)
+            .map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32())
+            .collect()
+    };
+    match &w.buffers().mins {
+        Some(m) => half(m.as_slice()),
+        None => half(w.buffers().scales.as_ref().unwrap().as_slice())
+            .iter()
+            .map(|s| -s * (1u32 << (q.bits - 1)) as f32)
+            .collect(),
+    }
+}
+
+fn spec_strategy() -> impl Strategy<Value = QuantSpec> {
+    (
+        prop::sample::select(vec![2u8, 4, 8]),
+        prop::sample::select(vec![32u32, 64, 128]),
+        prop::bool::ANY,
+    )
+        .prop_map(|(bits, group, sym)| QuantSpec {
+            bits,
+            group,
+            scheme: if sym { QuantScheme::Sym } else { QuantScheme::Asym },
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Every kernel of a random quantized weight: the matvec (1-3 token rows) equals the
+    /// Rust model of its integer arithmetic and the f32 reference within the error of
+    /// quantizing x to int8; matmul and the transposed product equal the reference.
+    #[test]
+    fn jit_kernels_match_the_reference(
+        q in spec_strategy(),
+        n in 1usize..48,
+        k in 1usize..300,
+        tokens in prop::sample::select(vec![1usize, 2, 3, 4, 7]),
+        seed in 0u64..1000,
+        amp in prop::sample::select(vec![1e-3f32, 1.0, 40.0]),
+    ) {
+        let w = PackedWeight::pack_quant(n, k, &values(n * k, seed, amp), q).unwrap();
+        let wd = w.to_f32_vec();
+        let data = WeightData::Packed(Arc::new(w.clone()));
+        let set = KernelSet::compile(&sources("w", n, k, &WeightFormat::Quant(q))).unwrap();
+        let kern = set.get("w").unwrap();
+        let x = values(tokens * k, seed + 1, 1.0);
+        let scale = abs_products(&x, &wd, k);
+
+        let mut want = vec![0.0; tokens * n];
+        linear(&x, tokens, &data, &mut want);
+        let mut got = vec![f32::NAN; tokens * n];
+        kern.linear(&x, tokens, &data, &mut got).unwrap();
+        if tokens <= 3 {
+            for (t, xr) in x.chunks_exact(k).enumerate() {
+                let mut int_ref = vec![0.0; n];
+                matvec_int_reference(&w, xr, &mut int_ref).unwrap();
+                let g = &got[t * n..(t + 1) * n];
+                let tight: Vec<f32> = scale[t * n..(t + 1) * n].iter().map(|s| 2e-5 * s + 1e-30).collect();
+                close(g, &int_ref, &tight, &format!("{q} matvec vs its integer model"))?;
+                // Quantizing x moves each x by at most d/2 (d = the group's int8 step), and
+                // the kernel multiplies that by `scale * code = w - min`.
+                let qx = QuantizedX::new(xr, &q);
+                let mins = group_mins(&w);
+                let groups = k.div_ceil(q.group as usize);
+                let loose: Vec<f32> = wd
+                    .chunks_exact(k)
+                    .enumerate()
+                    .map(|(r, wr)| {
+                        wr.chunks(q.group as usize)
+                            .zip(&qx.xd)
+                            .enumerate()
+                            .map(|(g, (wg, d))| {
+                                let m = mins[r * groups + g];
+                                wg.iter().map(|v| (v - m).abs()).sum::<f32>() * d * 0.51
+                            })
+                            .sum::<f32>()
+                    })
+                    .zip(&scale[t * n..(t + 1) * n])
+                    .map(|(b, s)| b + 2e-5 * s + 1e-30)
+                    .collect();
+                close(g, &want[t * n..(t + 1) * n], &loose, &format!("{q} matvec vs f32 reference"))?;
+            }
+        } else {
+            let tol: Vec<f32> = scale.iter().map(|s| 1e-5 * s + 1e-30).collect();
+            close(&got, &want, &tol, &format!("{q} matmul"))?;
+        }
+
+        // dx = dy W: the reference with W^T as the weight.
+        let dy = values(tokens * n, seed + 2, 1.0);
+        let mut want = vec![0.0; tokens * k];
+        linear_transposed(&dy, tokens, &data, &mut want);
+        let mut got = vec![f32::NAN; tokens * k];
+        kern.linear_transposed(&dy, tokens, &data, &mut got).unwrap();
+        let mut wt = vec![0.0; n * k];
+        for j in 0..n {
+            for c in 0..k {
+                wt[c * n + j] = wd[j * k + c];
+            }
+        }
+        let tol: Vec<f32> = abs_products(&dy, &wt, n).iter().map(|s| 1e-5 * s + 1e-30).collect();
+        close(&got, &want, &tol, &format!("{q} transposed"))?;
+    }
+}
+
+fn every_spec(rows: usize, cols: usize) -> Vec<KernelSpec> {
+    let mut out = vec![];
+    for bits in [2, 4, 8] {
+        for group in [32, 64, 128] {
+            for scheme in [QuantScheme::Asym, QuantScheme::Sym] {
+                let f = WeightFormat::Quant(QuantSpec { bits, group, scheme });
+                for kind in KernelKind::ALL {
+                    out.push(KernelSpec::new(kind, rows, cols, &f).unwrap());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_compiles_for_x86_64_and_aarch64_from_its_clif_text() {
+    let isas = [
+        codegen::target_isa("x86_64-unknown-linux-gnu", &["has_sse41", "has_avx", "has_avx2"]).unwrap(),
+        codegen::target_isa("x86_64-unknown-linux-gnu", &[]).unwrap(),
+        codegen::target_isa("aarch64-unknown-linux-gnu", &[]).unwrap(),
+        codegen::target_isa("aarch64-unknown-linux-gnu", &["has_dotprod"]).unwrap(),
+    ];
+    for spec in every_spec(7, 100) {
+        let clif = codegen::generate_clif(&spec);
+        // The text is what ships: it parses back to the same function.
+        let parsed = codegen::parse_clif(&clif).unwrap();
+        assert_eq!(parsed.display().to_string(), clif, "{spec}");
+        for isa in &isas {
+            let code = codegen::compile_for_isa(&clif, isa.as_ref()).unwrap();
+            assert!(!code.is_empty(), "{spec} for {}", isa.triple());
+        }
+    }
+}
+
+#[test]
+fn bad_isas_and_clif_are_refused() {
+    assert!(codegen::target_isa("mips-unknown-linux-gnu", &[]).is_err());
+    assert!(codegen::target_isa("x86_64-unknown-linux-gnu", &["has_warp_drive"]).is_err());
+    let isa = codegen::target_isa("aarch64-unknown-linux-gnu", &[]).unwrap();
+    assert!(codegen::compile_for_isa("function %f( {", isa.as_ref()).is_err());
+    assert!(codegen::compile_for_isa("", isa.as_ref()).is_err());
+    // The runtime refuses a function whose signature is not its kind's.
+    let spec = every_spec(4, 64).remove(0);
+    let other = KernelSpec {
+        kind: KernelKind::Decode,
+        ..spec.clone()
+    };
+    let err = KernelSet::compile(&[KernelSource {
+        weight: "w".into(),
+        spec: other,
+        clif: codegen::generate_clif(&spec),
+    }])
+    .unwrap_err();
+    assert!(err.to_string().contains("signature"), "{err}");
+    let err = KernelSet::compile(&[KernelSource {
+        weight: "w".into(),
+        spec,
+        clif: "function %f() {".into(),
+    }])
+    .unwrap_err();
+    assert!(err.to_string().contains("JIT"), "{err}");
+}
+
+/// Whether `code` holds an EVEX-encoded `vpdpbusd` (62 P0 P1 P2 50 /r, map 0F38, prefix 66).
+fn has_evex_vpdpbusd(code: &[u8]) -> bool {
+    code.windows(6)
+        .any(|w| w[0] == 0x62 && w[1] & 0x07 == 0x02 && w[2] & 0x07 == 0x05 && w[4] == 0x50)
+}
+
+#[test]
+fn matvec_uses_the_vnni_dot_product_where_the_isa_has_it() {
+    let vnni = codegen::target_isa("x86_64-unknown-linux-gnu", &["icelake-server"]).unwrap();
+    let plain = codegen::target_isa("x86_64-unknown-linux-gnu", &["has_avx2"]).unwrap();
+    for spec in every_spec(64, 512)
+        .into_iter()
+        .filter(|s| s.kind == KernelKind::Matvec)
+    {
+        let fast = codegen::compile_spec_for_isa(&spec, vnni.as_ref()).unwrap();
+        assert!(has_evex_vpdpbusd(&fast), "{spec}: no vpdpbusd with AVX-512 VNNI");
+        let slow = codegen::compile_spec_for_isa(&spec, plain.as_ref()).unwrap();
+        assert!(!has_evex_vpdpbusd(&slow), "{spec}: vpdpbusd without VNNI");
+    }
+}

@@ -1,0 +1,550 @@
+//! The JIT host: compiles the compiler's kernel CLIF for this machine with cranelift-jit
+//! and runs products with compressed weights through it.
+//!
+//! - [`spec`]: what each kernel computes and its function signature (shared with the
+//!   compiler, which writes the CLIF).
+//! - [`KernelSet::compile`]: parses `(weight, spec, clif)` triples (cranelift-reader),
+//!   checks each signature against its kind, compiles them for the host ISA (one
+//!   function per distinct spec) and binds them to weight names.
+//! - [`WeightKernels::linear`] / [`WeightKernels::linear_transposed`]: the safe typed
+//!   entry points (`y = x W^T`, `dx = dy W`); all `unsafe` of the JIT is in this file.
+//!
+//! Decode (one to three token rows) runs the integer matvec kernel on `x` quantized to
+//! int8 per weight group ([`QuantizedX`]); more rows decode tiles of weight rows with the
+//! decode kernel and multiply them with the GEMM crate.
+
+pub mod spec;
+
+use std::collections::HashMap;
+
+use cranelift_codegen::ir::types::I64;
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
+use rayon::prelude::*;
+
+use crate::error::{Result, RuntimeError};
+use crate::format::{QuantSpec, WeightFormat};
+use crate::ir::WeightData;
+use crate::packed::PackedWeight;
+use spec::{KernelKind, KernelSpec};
+
+/// One kernel for one weight: what the compiler hands to (or a bundle holds for) the
+/// runtime.
+#[derive(Debug, Clone)]
+pub struct KernelSource {
+    /// The weight's name in the graph.
+    pub weight: String,
+    pub spec: KernelSpec,
+    /// The CLIF text of one function implementing `spec`.
+    pub clif: String,
+}
+
+/// `x` prepared for the matvec kernel of a quantized format: quantized to int8 with one
+/// scale per weight group (`xd[g] * xq ≈ x`), group sums of the exact `x`, and the int8
+/// values permuted inside each unit of `min(16, group * bits / 8)` code bytes the way the
+/// kernel unpacks codes: position `k * unit + i` holds column `i * 8 / bits + k`.
+#[derive(Debug, Clone)]
+pub struct QuantizedX {
+    pub xq: Vec<i8>,
+    pub xd: Vec<f32>,
+    pub xs: Vec<f32>,
+}
+
+/// Code bytes a unit (one vector load of codes).
+pub fn unit_bytes(q: &QuantSpec) -> usize {
+    (q.group as usize * q.bits as usize / 8).min(16)
+}
+
+impl QuantizedX {
+    pub fn new(x: &[f32], q: &QuantSpec) -> QuantizedX {
+        let (g, bits) = (q.group as usize, q.bits as usize);
+        let groups = x.len().div_ceil(g);
+        let unit = unit_bytes(q);
+        let fields = 8 / bits;
+        let per_unit = unit * fields;
+        // 16 bytes of slack: a half unit's last field reads a whole vector.
+        let mut xq = vec![0i8; groups * g + 16];
+        let mut xd = Vec::with_capacity(groups);
+        let mut xs = Vec::with_capacity(groups);
+        let mut vals = vec![0i8; g];
+        for (gi, xg) in x.chunks(g).enumerate() {
+            let amax = xg.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            vals.fill(0);
+            for (o, v) in vals.iter_mut().zip(xg) {
+                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            xd.push(amax / 127.0);
+            xs.push(xg.iter().sum());
+            let dst = &mut xq[gi * g..(gi + 1) * g];
+            for (du, vu) in dst.chunks_mut(per_unit).zip(vals.chunks(per_unit)) {
+                for i in 0..unit {
+                    for k in 0..fields {
+                        du[k * unit + i] = vu[i * fields + k];
+                    }
+                }
+            }
+        }
+        QuantizedX { xq, xd, xs }
+    }
+}
+
+/// The matvec kernel's arithmetic in plain Rust (the reference its JIT code is tested
+/// against): per group, `scale * xd * sum(code * xq) + min * xs`.
+pub fn matvec_int_reference(w: &PackedWeight, x: &[f32], y: &mut [f32]) -> Result<()> {
+    let WeightFormat::Quant(q) = *w.format() else {
+        return Err(RuntimeError::Invalid(format!(
+            "integer matvec of a {} weight",
+            w.format()
+        )));
+    };
+    if x.len() != w.cols() || y.len() != w.rows() {
+        return Err(RuntimeError::Invalid(format!(
+            "integer matvec: x {} / y {} for a {:?} weight",
+            x.len(),
+            y.len(),
+            w.shape()
+        )));
+    }
+    let qx = QuantizedX::new(x, &q);
+    let (g, bits) = (q.group as usize, q.bits as usize);
+    let groups = w.cols().div_ceil(g);
+    let gb = g * bits / 8;
+    let b = w.buffers();
+    let codes = b.qweight.as_ref().expect("quant").as_slice();
+    let half = |buf: &[u8], i: usize| half::f16::from_le_bytes([buf[2 * i], buf[2 * i + 1]]).to_f32();
+    let scales = b.scales.as_ref().expect("quant").as_slice();
+    let mins = b.mins.as_ref().map(|m| m.as_slice());
+    // Undo the permutation: plain int8 x in column order.
+    let mut xcol = vec![0i8; groups * g];
+    let (unit, fields) = (unit_bytes(&q), 8 / bits);
+    for (dst, src) in xcol.chunks_mut(unit * fields).zip(qx.xq.chunks(unit * fields)) {
+        for i in 0..unit {
+            for k in 0..fields {
+                dst[i * fields + k] = src[k * unit + i];
+            }
+        }
+    }
+    for (r, yr) in y.iter_mut().enumerate() {
+        let mut acc = 0.0f32;
+        for gi in 0..groups {
+            let at = r * groups + gi;
+            let gc = &codes[at * gb..(at + 1) * gb];
+            let isum: i32 = (0..g)
+                .map(|i| {
+                    let c = (gc[i * bits / 8] >> (i * bits % 8)) as i32 & ((1 << bits) - 1);
+                    c * xcol[gi * g + i] as i32
+                })
+                .sum();
+            let s = half(scales, at);
+            let m = match mins {
+                Some(m) => half(m, at),
+                None => -s * (1u32 << (bits - 1)) as f32,
+            };
+            acc += s * qx.xd[gi] * isum as f32 + m * qx.xs[gi];
+        }
+        *yr = acc;
+    }
+    Ok(())
+}
+
+type MatvecFn = unsafe extern "C" fn(
+    *const i8,
+    *const f32,
+    *const f32,
+    *const u8,
+    *const u8,
+    *const u8,
+    *mut f32,
+    u64,
+    u64,
+);
+type DecodeFn = unsafe extern "C" fn(*const u8, *const u8, *const u8, *mut f32, u64, u64);
+
+fn params(kind: KernelKind) -> usize {
+    match kind {
+        KernelKind::Matvec => 9,
+        KernelKind::Decode => 6,
+    }
+}
+
+/// The compiled code; its memory lives as long as this value.
+struct JitCode(Option<JITModule>);
+
+// SAFETY: after `finalize_definitions` the module is never used again except to free its
+// memory on drop; the code it owns is immutable, so sharing or sending it is sound.
+unsafe impl Send for JitCode {}
+unsafe impl Sync for JitCode {}
+
+impl Drop for JitCode {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            // SAFETY: the function pointers into this module are held only by the
+            // `WeightKernels` of the `KernelSet` owning this value, dropped with it.
+            unsafe { m.free_memory() };
+        }
+    }
+}
+
+/// The kernels of one weight (either may be missing: that product then runs the
+/// reference kernel).
+pub struct WeightKernels {
+    spec_rows: usize,
+    spec_cols: usize,
+    format: WeightFormat,
+    quant: QuantSpec,
+    matvec: Option<MatvecFn>,
+    decode: Option<DecodeFn>,
+}
+
+/// Compiled kernels for the weights of a graph, by weight name.
+pub struct KernelSet {
+    weights: HashMap<String, WeightKernels>,
+    functions: usize,
+    _code: JitCode,
+}
+
+impl std::fmt::Debug for KernelSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KernelSet({} weights, {} functions)",
+            self.weights.len(),
+            self.functions
+        )
+    }
+}
+
+fn jit_err(what: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Invalid(format!("JIT: {what}: {e}"))
+}
+
+impl KernelSet {
+    /// Compiles the kernels for the host ISA. Each source's CLIF must hold one function
+    /// with the signature of its spec's kind; sources with the same spec name are
+    /// compiled once.
+    pub fn compile(sources: &[KernelSource]) -> Result<KernelSet> {
+        let mut flags = settings::builder();
+        flags.set("opt_level", "speed").map_err(|e| jit_err("flags", e))?;
+        let isa = cranelift_native::builder()
+            .map_err(|e| jit_err("host ISA", e))?
+            .finish(settings::Flags::new(flags))
+            .map_err(|e| jit_err("host ISA", e))?;
+        let call_conv = isa.default_call_conv();
+        let mut module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        let mut ids: HashMap<String, FuncId> = HashMap::new();
+        for s in sources {
+            let name = s.spec.name();
+            if ids.contains_key(&name) {
+                continue;
+            }
+            let mut funcs = cranelift_reader::parse_functions(&s.clif)
+                .map_err(|e| jit_err(&format!("kernel {name}"), e))?;
+            if funcs.len() != 1 {
+                return Err(jit_err(
+                    &format!("kernel {name}"),
+                    format!("{} functions, expected 1", funcs.len()),
+                ));
+            }
+            let mut func = funcs.pop().expect("one");
+            let sig = &func.signature;
+            if !sig.returns.is_empty()
+                || sig.params.len() != params(s.spec.kind)
+                || sig.params.iter().any(|p| p.value_type != I64)
+            {
+                return Err(jit_err(
+                    &format!("kernel {name}"),
+                    format!("signature {sig} is not the {:?} kernel's", s.spec.kind),
+                ));
+            }
+            func.signature.call_conv = call_conv;
+            let id = module
+                .declare_function(&name, Linkage::Local, &func.signature)
+                .map_err(|e| jit_err(&name, e))?;
+            let mut ctx = cranelift_codegen::Context::for_function(func);
+            module
+                .define_function(id, &mut ctx)
+                .map_err(|e| jit_err(&name, e))?;
+            ids.insert(name, id);
+        }
+        module
+            .finalize_definitions()
+            .map_err(|e| jit_err("finalize", e))?;
+        let mut weights: HashMap<String, WeightKernels> = HashMap::new();
+        for s in sources {
+            let ptr = module.get_finalized_function(ids[&s.spec.name()]);
+            let wk = weights.entry(s.weight.clone()).or_insert_with(|| WeightKernels {
+                spec_rows: s.spec.rows,
+                spec_cols: s.spec.cols,
+                format: s.spec.format.clone(),
+                quant: s.spec.quant(),
+                matvec: None,
+                decode: None,
+            });
+            if (wk.spec_rows, wk.spec_cols, &wk.format) != (s.spec.rows, s.spec.cols, &s.spec.format) {
+                return Err(jit_err(&s.weight, "kernels for different shapes or formats"));
+            }
+            // SAFETY: the function was checked above to take exactly the kind's number of
+            // i64 parameters and return nothing, with the host's C calling convention,
+            // which is the ABI of these fn pointer types (pointers and u64 are i64).
+            unsafe {
+                match s.spec.kind {
+                    KernelKind::Matvec => wk.matvec = Some(std::mem::transmute::<*const u8, MatvecFn>(ptr)),
+                    KernelKind::Decode => wk.decode = Some(std::mem::transmute::<*const u8, DecodeFn>(ptr)),
+                }
+            }
+        }
+        Ok(KernelSet {
+            weights,
+            functions: ids.len(),
+            _code: JitCode(Some(module)),
+        })
+    }
+
+    /// The kernels of weight `name`.
+    pub fn get(&self, name: &str) -> Option<&WeightKernels> {
+        self.weights.get(name)
+    }
+    /// Weights with kernels.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+    /// Distinct compiled functions.
+    pub fn functions(&self) -> usize {
+        self.functions
+    }
+}
+
+/// Raw buffer addresses of a quantized weight (a `usize` each so closures on other
+/// threads can carry them).
+#[derive(Clone, Copy)]
+struct Ptrs {
+    codes: usize,
+    scales: usize,
+    mins: usize,
+}
+
+/// Weight rows decoded per GEMM tile at most.
+const TILE_N: usize = 256;
+
+impl WeightKernels {
+    fn check<'w>(&self, w: &'w WeightData) -> Result<(&'w PackedWeight, Ptrs)> {
+        let WeightData::Packed(p) = w else {
+            return Err(RuntimeError::Invalid(
+                "JIT kernels run packed weights only".into(),
+            ));
+        };
+        if p.format() != &self.format || p.shape() != [self.spec_rows, self.spec_cols] {
+            return Err(RuntimeError::Invalid(format!(
+                "JIT kernel for {} {:?} called with a {} {:?} weight",
+                self.format,
+                [self.spec_rows, self.spec_cols],
+                p.format(),
+                p.shape()
+            )));
+        }
+        let b = p.buffers();
+        let (Some(codes), Some(scales)) = (&b.qweight, &b.scales) else {
+            return Err(RuntimeError::Invalid(
+                "quantized weight without codes or scales".into(),
+            ));
+        };
+        let scales = scales.as_slice().as_ptr() as usize;
+        let ptrs = Ptrs {
+            codes: codes.as_slice().as_ptr() as usize,
+            scales,
+            // Symmetric kernels never read `mins`.
+            mins: b.mins.as_ref().map_or(scales, |m| m.as_slice().as_ptr() as usize),
+        };
+        Ok((p, ptrs))
+    }
+
+    /// `out[rows, n] = x[rows, k] W^T`, as [`crate::kernels::linear`] computes it.
+    pub fn linear(&self, x: &[f32], rows: usize, w: &WeightData, out: &mut [f32]) -> Result<()> {
+        let (p, ptrs) = self.check(w)?;
+        let (n, k) = (p.rows(), p.cols());
+        if x.len() != rows * k || out.len() != rows * n {
+            return Err(RuntimeError::Invalid(format!(
+                "JIT linear: x {} / out {} values for {rows} rows of a [{n}, {k}] weight",
+                x.len(),
+                out.len()
+            )));
+        }
+        match (self.matvec, self.decode) {
+            (Some(f), _) if rows <= 3 => {
+                for (xr, orow) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+                    self.matvec_row(f, ptrs, xr, orow);
+                }
+            }
+            (_, Some(f)) => self.matmul(f, ptrs, x, rows, out),
+            _ => crate::kernels::linear(x, rows, w, out),
+        }
+        Ok(())
+    }
+
+    fn matvec_row(&self, f: MatvecFn, ptrs: Ptrs, x: &[f32], y: &mut [f32]) {
+        let qx = QuantizedX::new(x, &self.quant);
+        let chunk = (y.len() / (16 * rayon::current_num_threads())).clamp(16, 1024);
+        let (xq, xd, xs) = (
+            qx.xq.as_ptr() as usize,
+            qx.xd.as_ptr() as usize,
+            qx.xs.as_ptr() as usize,
+        );
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+            let r0 = (c * chunk) as u64;
+            // SAFETY: `check` matched the weight's format and shape with the spec the
+            // kernel was generated for, so its buffers hold every row it reads; x was
+            // quantized for that spec (`G * group + 16` int8, `G` scales and sums); the
+            // kernel writes `yc[0 .. yc.len()]` only, rows r0 .. r0 + yc.len() < rows.
+            unsafe {
+                f(
+                    xq as *const i8,
+                    xd as *const f32,
+                    xs as *const f32,
+                    ptrs.codes as *const u8,
+                    ptrs.scales as *const u8,
+                    ptrs.mins as *const u8,
+                    yc.as_mut_ptr(),
+                    r0,
+                    r0 + yc.len() as u64,
+                )
+            }
+        });
+    }
+
+    /// Weight rows `j0..j1` decoded into `scratch` (`(j1 - j0) * padded` f32, rows
+    /// `padded = G * group` apart).
+    fn decode_rows(&self, f: DecodeFn, ptrs: Ptrs, j0: usize, j1: usize, scratch: &mut Vec<f32>) -> usize {
+        let padded = self.spec_cols.div_ceil(self.quant.group as usize) * self.quant.group as usize;
+        scratch.resize((j1 - j0) * padded, 0.0);
+        // SAFETY: j0 <= j1 <= rows of the weight checked against the spec; the kernel
+        // writes (j1 - j0) * padded f32, exactly the scratch length.
+        unsafe {
+            f(
+                ptrs.codes as *const u8,
+                ptrs.scales as *const u8,
+                ptrs.mins as *const u8,
+                scratch.as_mut_ptr(),
+                j0 as u64,
+                j1 as u64,
+            )
+        };
+        padded
+    }
+
+    fn matmul(&self, f: DecodeFn, ptrs: Ptrs, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (n, k) = (self.spec_rows, self.spec_cols);
+        let tn = (n / (4 * rayon::current_num_threads())).clamp(16, TILE_N);
+        let dst = out.as_mut_ptr() as usize;
+        (0..n.div_ceil(tn))
+            .into_par_iter()
+            .for_each_init(Vec::new, |scratch, t| {
+                let (j0, j1) = (t * tn, ((t + 1) * tn).min(n));
+                let padded = self.decode_rows(f, ptrs, j0, j1, scratch);
+                // SAFETY: out is rows x n (row stride n); this tile writes columns j0..j1 of
+                // every row, which no other tile touches. lhs = x [rows, k] row-major;
+                // rhs(kk, j) = scratch[j * padded + kk] for kk < k <= padded, j < j1 - j0.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        j1 - j0,
+                        k,
+                        (dst as *mut f32).add(j0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        scratch.as_ptr(),
+                        padded as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+    }
+
+    /// `dx[rows, k] = dy[rows, n] W`, as [`crate::kernels::linear_transposed`] computes it.
+    pub fn linear_transposed(&self, dy: &[f32], rows: usize, w: &WeightData, dx: &mut [f32]) -> Result<()> {
+        let (p, ptrs) = self.check(w)?;
+        let (n, k) = (p.rows(), p.cols());
+        if dy.len() != rows * n || dx.len() != rows * k {
+            return Err(RuntimeError::Invalid(format!(
+                "JIT linear_transposed: dy {} / dx {} values for {rows} rows of a [{n}, {k}] weight",
+                dy.len(),
+                dx.len()
+            )));
+        }
+        let Some(f) = self.decode else {
+            crate::kernels::linear_transposed(dy, rows, w, dx);
+            return Ok(());
+        };
+        dx.fill(0.0);
+        let par = if rows * k * TILE_N >= 1 << 16 {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut scratch = Vec::new();
+        for j0 in (0..n).step_by(TILE_N) {
+            let j1 = (j0 + TILE_N).min(n);
+            let padded = self.decode_rows(f, ptrs, j0, j1, &mut scratch);
+            // SAFETY: dx is rows x k, written only here; lhs(i, j) = dy[i * n + j0 + j] for
+            // j < j1 - j0 (in bounds); rhs(j, c) = scratch[j * padded + c] for c < k.
+            // Accumulates (alpha = 1) into the zeroed dx.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    k,
+                    j1 - j0,
+                    dx.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    true,
+                    dy.as_ptr().add(j0),
+                    1,
+                    n as isize,
+                    scratch.as_ptr(),
+                    1,
+                    padded as isize,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `y = x W^T` through the weight's JIT kernels when `kernels` has them, else the
+/// reference kernels.
+pub fn linear(
+    kernels: Option<&KernelSet>,
+    name: &str,
+    x: &[f32],
+    rows: usize,
+    w: &WeightData,
+    out: &mut [f32],
+) -> Result<()> {
+    match kernels.and_then(|k| k.get(name)) {
+        Some(k) => k.linear(x, rows, w, out),
+        None => {
+            crate::kernels::linear(x, rows, w, out);
+            Ok(())
+        }
+    }
+}
