@@ -435,7 +435,9 @@ impl<'g> Tuner<'g> {
         self.opt = opt;
         self.step = state.step;
         self.current = None;
-        self.cache_phase = Some(self.phase_of(self.step));
+        // The next step decides, as an uninterrupted run would, whether a new phase
+        // starts (fresh optimizer moments).
+        self.cache_phase = None;
         self.cache.clear();
         Ok(Some(self.step))
     }
