@@ -32,9 +32,79 @@ pub struct EvalArgs {
     /// Score only the first N chunks (--text).
     #[arg(long)]
     chunks: Option<usize>,
+    /// Tuned adapters (an `edgec tune` output directory): report perplexity and next-token
+    /// accuracy of every exit and every voting mode (--text only).
+    #[arg(long, requires = "text")]
+    adapters: Option<PathBuf>,
+    /// Voting modes to report with --adapters: last, max-confidence, mean, weighted
+    /// (weighted uses the weights `edgec tune` fitted on its validation text, voting.json).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "last,max-confidence,mean,weighted"
+    )]
+    vote: Vec<String>,
     /// Print a JSON object (loss, perplexity, tokens_scored, ...) instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// `edgec eval --adapters`: every exit and voting mode of a tuned model.
+fn run_exits(
+    a: &EvalArgs,
+    model: &edgec::frontend::LoadedModel,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use edge_runtime::train::Params;
+    use edge_runtime::train::vote::{Exits, Vote, attach_adapters, evaluate_exits};
+    let params = Params::load_peft_dir(&model.graph, dir)?;
+    let exits: Vec<usize> = params.exits.iter().map(|e| e.layer).collect();
+    let tuned = attach_adapters(&model.graph, &params)?;
+    let ex = Exits::new(&tuned, Some(&params), &exits)?;
+    let mut votes = vec![];
+    for v in &a.vote {
+        let mut vote: Vote = v.parse()?;
+        if let Vote::Weighted(w) = &mut vote {
+            let path = dir.join("voting.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "weighted voting needs {} (written by `edgec tune --valid`): {e}",
+                    path.display()
+                )
+            })?;
+            let j: serde_json::Value = serde_json::from_str(&text)?;
+            *w = j["weights"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+                .unwrap_or_default();
+        }
+        votes.push(vote);
+    }
+    let exec = Executor::new(Arc::new(tuned))?;
+    let text = super::read_text(a.text.as_ref().expect("clap: --adapters requires --text"))?;
+    let tok = super::tokenizer(model, &a.model.model)?;
+    let tokens = tok.encode(&text)?;
+    let bos = if tok.add_bos { tok.bos } else { None };
+    let n = edgec::eval::chunk_count(tokens.len(), a.ctx, a.chunks);
+    let pb = super::progress_bar(n as u64, "perplexity per exit");
+    let r = evaluate_exits(&exec, &ex, &votes, &tokens, a.ctx, a.chunks, bos, |d, _| {
+        pb.set_position(d as u64)
+    });
+    pb.finish_and_clear();
+    let r = r?;
+    if a.json {
+        let row = |s: &edge_runtime::train::vote::Score| serde_json::json!({"name": s.name, "perplexity": s.perplexity(), "accuracy": s.accuracy(), "tokens": s.count});
+        let v = serde_json::json!({
+            "exits": r.exits.iter().map(row).collect::<Vec<_>>(),
+            "votes": r.votes.iter().map(row).collect::<Vec<_>>(),
+            "ctx": a.ctx,
+            "chunks": n,
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        super::tune::print_eval(&r);
+    }
+    Ok(())
 }
 
 impl EvalArgs {
@@ -45,6 +115,9 @@ impl EvalArgs {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let model = a.model.load()?;
+    if let Some(dir) = &a.adapters {
+        return run_exits(&a, &model, dir);
+    }
     let exec = Executor::new(Arc::new(model.graph.clone()))?;
     let started = std::time::Instant::now();
     let result = if let Some(text_path) = &a.text {

@@ -17,6 +17,10 @@ pub struct InspectArgs {
     /// List every tensor of the source file.
     #[arg(long)]
     tensors: bool,
+    /// Print the truncated training graph of a window `A:B` (loss at exit B, LoRA rank 8
+    /// on every projection): prefix, window forward, backward, update.
+    #[arg(long, value_name = "A:B")]
+    train: Option<String>,
     /// Print a JSON document instead of text.
     #[arg(long)]
     json: bool,
@@ -99,6 +103,21 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     }
     if a.graph {
         print!("{g}");
+    }
+    if let Some(w) = &a.train {
+        use edge_runtime::train::{LoraConfig, Module, Params, TrainGraph, WindowSpec};
+        let (s, e) = w
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--train takes A:B (got `{w}`)"))?;
+        let (s, e): (usize, usize) = (s.trim().parse()?, e.trim().parse()?);
+        let lora = LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: Module::ALL.to_vec(),
+        };
+        let p = Params::new(g, lora, &[e], e + 1 < c.num_layers, false, 0)?;
+        let tg = TrainGraph::build(g, &p, WindowSpec::new(s..=e, e, c.num_layers)?)?;
+        print!("{tg}");
     }
     Ok(())
 }

@@ -362,7 +362,7 @@ pub fn print_eval(v: &ExitEval) {
         );
     }
     for s in &v.votes {
-        if s.name == "weighted" {
+        if s.name == "weighted" && s.correct == 0 {
             println!(
                 "{:<16} {:>12.4} {:>10}",
                 format!("vote {}", s.name),
