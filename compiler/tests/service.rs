@@ -39,6 +39,32 @@ fn runtime_bin() -> PathBuf {
     edgec.with_file_name("edge-runtime")
 }
 
+/// A byte-level tokenizer over tiny-llama's 256-token vocabulary (one token per byte, GPT-2's
+/// byte-to-character mapping, no merges), so text prompts and perplexity work on the fixture.
+fn byte_tokenizer() -> edge_runtime::tokenizer::Tokenizer {
+    let mut bytes: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut chars = bytes.clone();
+    for b in 0..256 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + chars.len() as u32 - 188);
+        }
+    }
+    let mut vocab = serde_json::Map::new();
+    for (b, c) in bytes.iter().zip(&chars) {
+        vocab.insert(char::from_u32(*c).unwrap().to_string(), (*b).into());
+    }
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []},
+    });
+    edge_runtime::tokenizer::Tokenizer::from_json(&json.to_string(), false, Some(1), vec![2]).unwrap()
+}
+
 /// Keys, token and bundles shared by a test.
 struct Setup {
     dir: tempfile::TempDir,
@@ -70,10 +96,11 @@ impl Setup {
     /// two bundles differ), signed by `key`.
     fn bundle(&self, name: &str, dtype: Option<edge_runtime::DType>, key: Option<&SigningKey>) -> PathBuf {
         let m = frontend::load(&common::tiny_llama(), &LoadOptions { dtype }).unwrap();
+        let tokenizer = byte_tokenizer();
         let dest = self.path(name);
         let contents = BundleContents {
             graph: &m.graph,
-            tokenizer: m.tokenizer.as_ref(),
+            tokenizer: Some(&tokenizer),
             policy: String::new(),
             target: manifest::Target {
                 name: "host".into(),
@@ -712,4 +739,106 @@ fn python_grpcio_client_talks_to_the_device() {
     assert_eq!(v["no_token"], "UNAUTHENTICATED");
     let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
     assert_eq!(tokens, local_greedy(&b1, &s.public, &PROMPT, 12));
+}
+
+#[test]
+fn text_generation_and_evaluation_match_edge_runtime() {
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let dev = s.device("dev", &[], &[]);
+    s.deploy(&b1, &dev, &[]);
+    let runtime = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(runtime_bin())
+            .args(args)
+            .arg("--bundle")
+            .arg(&b1)
+            .arg("--trusted-key")
+            .arg(&s.public)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let prompt = "Hello, device!";
+    let local = runtime(&["generate", "--prompt", prompt, "-n", "24", "--ignore-eos"]);
+    let remote = s.edgec_json(&[
+        "remote-generate",
+        "--device",
+        &dev.url,
+        "--prompt",
+        prompt,
+        "-n",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(remote["tokens"], local["tokens"]);
+    assert_eq!(remote["text"], local["text"]);
+
+    // A stop string taken from the middle of that text cuts the stream before it.
+    let text = local["text"].as_str().unwrap().to_string();
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let (at, _) = chars[chars.len() / 2];
+    let stop: String = text[at..].chars().take(2).collect();
+    let first = text.find(&stop).unwrap();
+    let stopped = s.edgec_json(&[
+        "remote-generate",
+        "--device",
+        &dev.url,
+        "--prompt",
+        prompt,
+        "-n",
+        "24",
+        "--ignore-eos",
+        "--stop",
+        &stop,
+        "--json",
+    ]);
+    assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
+    assert_eq!(stopped["text"], text[..first], "stop string {stop:?}");
+
+    // Perplexity of an uploaded text equals `edge-runtime eval` on the same bundle.
+    let data = s.path("text.txt");
+    let sentence = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs. ";
+    std::fs::write(&data, sentence.repeat(8)).unwrap();
+    let local = runtime(&["eval", "--text", data.to_str().unwrap(), "--ctx", "32"]);
+    let (sha, size) = client::deploy::file_sha256(&data).unwrap();
+    rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let u = client::deploy::Upload {
+            device: &dev.url,
+            kind: pb::UploadKind::Dataset,
+            path: &data,
+            sha256: &sha,
+            size,
+            chunk_bytes: 100,
+            max_attempts: 1,
+        };
+        client::deploy::upload(&mut c, &u, Arc::new(|_| {}))
+            .await
+            .unwrap();
+        let req = pb::EvaluateRequest {
+            dataset_sha256: sha.clone(),
+            ctx: 32,
+            ..Default::default()
+        };
+        let r = c.evaluate(req).await.unwrap().into_inner();
+        let want = local["perplexity"].as_f64().unwrap();
+        assert!(
+            (r.perplexity - want).abs() <= 1e-6 * want,
+            "{} vs {want}",
+            r.perplexity
+        );
+        assert_eq!(r.tokens_scored, local["tokens_scored"].as_u64().unwrap());
+        // Chunks too short for the protocol, or longer than the model's context.
+        for ctx in [2, 256] {
+            let req = pb::EvaluateRequest {
+                dataset_sha256: sha.clone(),
+                ctx,
+                ..Default::default()
+            };
+            assert_eq!(code(c.evaluate(req).await), tonic::Code::InvalidArgument);
+        }
+    });
 }

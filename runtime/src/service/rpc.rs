@@ -582,11 +582,67 @@ impl EdgeRuntime for Runtime {
 
     async fn evaluate(
         &self,
-        _request: Request<pb::EvaluateRequest>,
+        request: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::EvaluateReply>, Status> {
-        Err(Status::unimplemented(
-            "Evaluate is not available in this build of edge-runtime yet (issue 6)",
-        ))
+        let r = request.into_inner();
+        check_sha(&r.dataset_sha256)?;
+        let model = self.active_model()?;
+        let voting = pb::VotingMode::try_from(r.voting)
+            .map_err(|_| Status::invalid_argument(format!("unknown voting mode {}", r.voting)))?;
+        voting::check_mode(voting, model.exits)?;
+        let Some(tok) = model.tokenizer.clone() else {
+            return Err(Status::failed_precondition(
+                "the active bundle carries no tokenizer, so it cannot score a text",
+            ));
+        };
+        let ctx = if r.ctx == 0 {
+            512.min(model.max_positions())
+        } else {
+            r.ctx as usize
+        };
+        if ctx > model.max_positions() {
+            return Err(Status::invalid_argument(format!(
+                "ctx {ctx} exceeds the model's {} positions",
+                model.max_positions()
+            )));
+        }
+        let path = self.store.path(Kind::Dataset, &r.dataset_sha256);
+        if !path.is_file() {
+            return Err(Status::not_found(format!(
+                "dataset {} is not on the device (UploadDataset)",
+                r.dataset_sha256
+            )));
+        }
+        let slot = self.engine.admit().ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{} requests are running, the most this device takes; retry later",
+                self.engine.max_in_flight()
+            ))
+        })?;
+        let max_chunks = (r.max_chunks > 0).then_some(r.max_chunks as usize);
+        // One long computation: a blocking thread, holding a request slot.
+        let result = blocking(move || {
+            let _slot = slot;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| ServiceError::BadRequest(format!("the dataset is not UTF-8 text: {e}")))?;
+            let tokens = tok.encode(&text)?;
+            let bos = if tok.add_bos { tok.bos } else { None };
+            // The text's own problems (shorter than one chunk) are the request's.
+            crate::eval::chunked_perplexity(&model.executor, &tokens, ctx, max_chunks, bos, |_, _| {})
+                .map(|p| (p, model.sha256.clone()))
+                .map_err(|e| ServiceError::BadRequest(e.to_string()))
+        })
+        .await?;
+        let (p, sha) = result;
+        Ok(Response::new(pb::EvaluateReply {
+            loss: p.loss,
+            perplexity: p.perplexity,
+            perplexity_stderr: p.perplexity_stderr,
+            tokens_scored: p.tokens_scored as u64,
+            chunks: p.chunks as u32,
+            exits: vec![],
+            bundle_sha256: sha,
+        }))
     }
 
     async fn status(
