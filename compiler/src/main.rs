@@ -2,9 +2,28 @@
 
 mod cli;
 
+use std::alloc::System;
 use std::process::ExitCode;
 
+use peakmem_alloc::{INSTRUMENTED_SYSTEM, PeakMemAlloc, PeakMemAllocTrait};
+
 use clap::Parser;
+
+/// The system allocator with a peak counter, so that `edgec tune` can report the heap its
+/// tuning needs beyond the loaded model (activations, gradients, optimizer state, caches).
+#[global_allocator]
+static HEAP: &PeakMemAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+/// Starts measuring the heap peak from now.
+pub fn reset_heap_peak() {
+    HEAP.reset_peak_memory();
+}
+
+/// The most heap allocated at once since [`reset_heap_peak`], in bytes above the level
+/// at the reset.
+pub fn heap_peak() -> usize {
+    HEAP.get_peak_memory()
+}
 
 fn main() -> ExitCode {
     // A closed stdout (e.g. `edgec inspect M | head`) ends the program quietly, as a

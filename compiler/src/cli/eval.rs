@@ -33,8 +33,9 @@ pub struct EvalArgs {
     #[arg(long)]
     chunks: Option<usize>,
     /// Tuned adapters (an `edgec tune` output directory): report perplexity and next-token
-    /// accuracy of every exit and every voting mode (--text only).
-    #[arg(long, requires = "text")]
+    /// accuracy of every exit and every voting mode (--text), or the final layer's loss
+    /// (--tokens).
+    #[arg(long)]
     adapters: Option<PathBuf>,
     /// Voting modes to report with --adapters: last, max-confidence, mean, weighted
     /// (weighted uses the weights `edgec tune` fitted on its validation text, voting.json).
@@ -115,10 +116,18 @@ impl EvalArgs {
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let model = a.model.load()?;
-    if let Some(dir) = &a.adapters {
+    if let (Some(dir), Some(_)) = (&a.adapters, &a.text) {
         return run_exits(&a, &model, dir);
     }
-    let exec = Executor::new(Arc::new(model.graph.clone()))?;
+    // With --tokens, adapters are scored at the final layer (the PEFT model's loss).
+    let graph = match &a.adapters {
+        Some(dir) => {
+            let p = edge_runtime::train::Params::load_peft_dir(&model.graph, dir)?;
+            edge_runtime::train::vote::attach_adapters(&model.graph, &p)?
+        }
+        None => model.graph.clone(),
+    };
+    let exec = Executor::new(Arc::new(graph))?;
     let started = std::time::Instant::now();
     let result = if let Some(text_path) = &a.text {
         let text = super::read_text(text_path)?;

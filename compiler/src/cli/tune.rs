@@ -90,6 +90,10 @@ pub struct TuneArgs {
     clip: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train on the first N samples of --data only (a small local dataset seen for several
+    /// epochs; the prefix cache then serves repeated samples within a phase).
+    #[arg(long)]
+    max_samples: Option<usize>,
     /// Run the frozen prefix on every step instead of caching its output per sample.
     #[arg(long)]
     no_prefix_cache: bool,
@@ -190,8 +194,10 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         seed: a.seed,
         cache_prefix: !a.no_prefix_cache,
         checkpoint_every: a.checkpoint_every,
+        max_samples: a.max_samples,
     };
     let (rss_loaded, _) = rss_bytes();
+    crate::reset_heap_peak();
     let mut tuner = Tuner::new(&graph, cfg, params, tokens)?;
     let ckdir = a.output.join("checkpoints");
     if a.resume {
@@ -238,6 +244,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         }
     }
     pb.finish_and_clear();
+    let tuning_heap = crate::heap_peak();
     if edge_runtime::train::run::op_profile_enabled() {
         for (op, secs, calls) in edge_runtime::train::run::op_times() {
             eprintln!("{op:<16} {secs:>9.3} s  {calls:>6} calls");
@@ -275,6 +282,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         "tokens_per_second": tokens_per_step / median,
         "peak_rss_bytes": peak,
         "rss_after_load_bytes": rss_loaded,
+        "tuning_heap_peak_bytes": tuning_heap,
         "final_loss": last_loss,
         "exits": exits,
         "valid_perplexity": valid.as_ref().map(|v| {
@@ -289,12 +297,13 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!(
-            "{} steps, median {:.3} s/step ({:.0} tokens/s), final loss {:.4}, peak RSS {} MiB",
+            "{} steps, median {:.3} s/step ({:.0} tokens/s), final loss {:.4}, peak RSS {} MiB, tuning heap peak {} MiB",
             times.len(),
             median,
             tokens_per_step / median,
             last_loss,
-            peak >> 20
+            peak >> 20,
+            tuning_heap >> 20
         );
         if let Some(v) = &valid {
             print_eval(v);

@@ -51,6 +51,9 @@ pub struct TuneConfig {
     /// Cache each sample's window input within a phase (the prefix is frozen).
     pub cache_prefix: bool,
     pub checkpoint_every: usize,
+    /// Use only the first N samples of the data (a small local dataset, several epochs).
+    #[serde(default)]
+    pub max_samples: Option<usize>,
 }
 
 /// One phase of the schedule: a window and the steps it trains for.
@@ -218,7 +221,10 @@ impl<'g> Tuner<'g> {
                 cfg.seq
             )));
         }
-        let samples = samples(&tokens, cfg.seq)?;
+        let mut samples = samples(&tokens, cfg.seq)?;
+        if let Some(n) = cfg.max_samples {
+            samples.truncate(n.max(1));
+        }
         let mut order: Vec<usize> = (0..samples.len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
         let opt = AdamW::new(AdamWConfig {
@@ -478,6 +484,7 @@ mod tests {
             seed: 0,
             cache_prefix: true,
             checkpoint_every: 0,
+            max_samples: None,
         }
     }
 
