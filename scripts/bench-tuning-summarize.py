@@ -33,14 +33,14 @@ rows = {}
 for f in sorted(glob.glob(f"{out}/peft-full-r*.json")):
     d = json.loads(open(f).read().strip().splitlines()[-1])
     rows.setdefault("PyTorch+PEFT full", []).append(
-        (d["seconds_per_step"], d["peak_rss_bytes"], d["peak_rss_bytes"] - d["rss_after_load_bytes"]))
+        (d["seconds_per_step"], d["peak_rss_bytes"], d["peak_rss_bytes"] - d["rss_after_load_bytes"], None))
 per_exit = {}
 for kind in ["full", "edge", "edge-epochs"]:
     for f in sorted(glob.glob(f"{out}/edgec-{kind}-r*.jsonl")):
         steps, s = edgec_run(f, skip=3 if kind == "full" else 0)
         sec = statistics.median(x["seconds"] for x in steps)
         rows.setdefault(f"edgec {kind}", []).append(
-            (sec, s["peak_rss_bytes"], s["peak_rss_bytes"] - s["rss_after_load_bytes"]))
+            (sec, s["peak_rss_bytes"], s["peak_rss_bytes"] - s["rss_after_load_bytes"], s.get("tuning_heap_peak_bytes")))
         if kind.startswith("edge"):
             for e in sorted({x["exit"] for x in steps}):
                 per_exit.setdefault((kind, e), []).append(statistics.median(x["seconds"] for x in steps if x["exit"] == e))
@@ -48,18 +48,24 @@ for f in sorted(glob.glob(f"{out}/luc4-*.jsonl")):
     kind = os.path.basename(f)[:-6]
     steps, s = edgec_run(f, skip=3 if kind.endswith("full") else 0)
     rows.setdefault(f"edgec {kind} (4-bit LUC model)", []).append(
-        (statistics.median(x["seconds"] for x in steps), s["peak_rss_bytes"], s["peak_rss_bytes"] - s["rss_after_load_bytes"]))
+        (statistics.median(x["seconds"] for x in steps), s["peak_rss_bytes"], s["peak_rss_bytes"] - s["rss_after_load_bytes"],
+         s.get("tuning_heap_peak_bytes")))
 
 MiB = 1 << 20
-ref = statistics.median(r[0] for r in rows.get("edgec full", [(float("nan"),) * 3]))
-refmem = statistics.median(r[2] for r in rows.get("edgec full", [(float("nan"),) * 3]))
-print("| run | rounds | s/step (median) | tokens/s | vs edgec full (speed) | peak RSS MiB | peak - loaded MiB | vs edgec full (tuning memory) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+nan4 = [(float("nan"),) * 4]
+ref = statistics.median(r[0] for r in rows.get("edgec full", nan4))
+refpeak = statistics.median(r[1] for r in rows.get("edgec full", nan4))
+refheap = statistics.median(r[3] for r in rows.get("edgec full", nan4))
+print("| run | rounds | s/step (median) | tokens/s | speed vs edgec full | peak RSS MiB (with weights) | vs edgec full | peak - loaded RSS MiB | tuning heap peak MiB (without weights) | vs edgec full |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for name, rs in rows.items():
     sec = statistics.median(r[0] for r in rs)
     peak = statistics.median(r[1] for r in rs)
     tun = statistics.median(r[2] for r in rs)
-    print(f"| {name} | {len(rs)} | {sec:.3f} | {256 / sec:.0f} | {ref / sec:.2f}x | {peak / MiB:.0f} | {tun / MiB:.0f} | {refmem / max(tun, 1):.2f}x less |")
+    heaps = [r[3] for r in rs if r[3] is not None]
+    heap = statistics.median(heaps) if heaps else None
+    hs = f"{heap / MiB:.0f} | {refheap / heap:.2f}x less" if heap else "- | -"
+    print(f"| {name} | {len(rs)} | {sec:.3f} | {256 / sec:.0f} | {ref / sec:.2f}x | {peak / MiB:.0f} | {refpeak / peak:.2f}x less | {tun / MiB:.0f} | {hs} |")
 if per_exit:
     print()
     print("| edge run | exit | window | s/step (median over rounds) |")

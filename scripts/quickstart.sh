@@ -46,3 +46,11 @@ $EDGEC eval --model "$WORK/smollm2-luc" --text data/austen/test.txt --ctx 512 --
 
 step "generate with the compressed model"
 $EDGEC generate --model "$WORK/smollm2-luc" --prompt "The history of the English novel" -n 32
+
+step "tune on the device's data: Edge-LLM adaptive layer tuning of the compressed model (exits 5, 11, 17, 23, 29; each phase trains the LoRA of the 6 layers below its exit, loss at that exit), 20 steps x 256 tokens"
+rm -rf "$WORK/adapters"
+$EDGEC tune --model "$WORK/smollm2-luc" --data data/austen/train.txt --valid data/austen/valid.txt \
+  --valid-ctx 256 --valid-chunks 4 --mode edge --stride 6 --steps 20 --seq 256 -o "$WORK/adapters"
+
+step "perplexity and next-token accuracy per exit and per voting mode (first 4 chunks of test.txt, ctx 256)"
+$EDGEC eval --model "$WORK/smollm2-luc" --adapters "$WORK/adapters" --text data/austen/test.txt --ctx 256 --chunks 4

@@ -118,3 +118,76 @@ fn fixture_adapters_load_by_either_name() {
         .unwrap();
     assert_eq!(loaded.len(), 56);
 }
+
+/// The backward through compressed weights (the product with the transposed packed
+/// weight) gives the gradients of the same model with those weights decoded to f32.
+#[test]
+fn gradients_through_packed_weights_equal_those_through_their_decoded_values() {
+    use edge_runtime::format::{QuantScheme, QuantSpec};
+    use edge_runtime::ir::{Weight, WeightData};
+    use edge_runtime::packed::PackedWeight;
+    use edge_runtime::tensor::Tensor;
+    use std::sync::Arc;
+
+    let model = edgec::frontend::load(&tiny_llama(), &Default::default()).unwrap();
+    let mut packed = model.graph.clone();
+    let mut decoded = model.graph.clone();
+    let mut n = 0;
+    for (i, w) in model.graph.weights.iter().enumerate() {
+        let s = w.shape().to_vec();
+        if !w.name.contains("layers.") || s.len() != 2 || s[1] % 32 != 0 {
+            continue;
+        }
+        let spec = QuantSpec {
+            bits: if n % 2 == 0 { 4 } else { 3 },
+            group: 32,
+            scheme: if n % 3 == 0 {
+                QuantScheme::Sym
+            } else {
+                QuantScheme::Asym
+            },
+        };
+        let p = PackedWeight::pack_quant(s[0], s[1], &w.data.to_f32_vec(), spec).unwrap();
+        let values = p.to_f32_vec();
+        packed.weights[i] = Weight {
+            name: w.name.clone(),
+            data: WeightData::Packed(Arc::new(p)),
+        };
+        decoded.weights[i] = Weight::new_dense(w.name.clone(), Tensor::from_f32(s, values).unwrap());
+        n += 1;
+    }
+    assert!(n >= 20, "only {n} weights packed");
+    let ids = &read_reference(&tiny_llama().join("reference.safetensors"))["input_ids"];
+    let tokens: Vec<u32> = ids.1[..16].iter().map(|&x| x as u32).collect();
+    let grads = |g: &edge_runtime::ir::Graph| {
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Module::ALL.to_vec(),
+        };
+        let mut p = Params::new(g, lora, &[2], true, false, 7).unwrap();
+        // Non-zero B so that every path carries gradient.
+        for t in p.tensors.iter_mut() {
+            for (j, v) in t.data.iter_mut().enumerate() {
+                *v += 0.01 * ((j % 7) as f32 - 3.0);
+            }
+        }
+        let tg = TrainGraph::build(g, &p, WindowSpec::new(1..=2, 2, 4).unwrap()).unwrap();
+        let mut gr = Grads::zeros(&p, &tg.updates);
+        let loss = TrainRunner::new(g, &p)
+            .step(&tg, &tokens, None, 1.0 / 15.0, &mut gr)
+            .unwrap()
+            .loss;
+        (loss, gr, p)
+    };
+    let (la, ga, p) = grads(&packed);
+    let (lb, gb, _) = grads(&decoded);
+    assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
+    assert!(!ga.tensors.is_empty());
+    for (id, a) in &ga.tensors {
+        let b = &gb.tensors[id];
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(d <= 1e-4 * scale, "{}: {d:e} (max {scale:e})", p.get(*id).name);
+    }
+}
