@@ -842,3 +842,108 @@ fn text_generation_and_evaluation_match_edge_runtime() {
         }
     });
 }
+
+/// A CA and a device certificate for `localhost` / 127.0.0.1, made with the openssl CLI.
+fn tls_files(s: &Setup) -> (PathBuf, PathBuf, PathBuf) {
+    let d = s.dir.path();
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=edge-test-ca",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &["-keyout", "dev.key", "-out", "dev.csr", "-subj", "/CN=localhost"],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "dev.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "dev.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(d)
+            .output()
+            .expect("the TLS test needs the openssl command");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (d.join("ca.pem"), d.join("dev.pem"), d.join("dev.key"))
+}
+
+#[test]
+fn tls_device_needs_the_right_ca() {
+    let s = Setup::new();
+    let (ca, cert, key) = tls_files(&s);
+    let dev = s.device(
+        "dev",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let url = dev.url.replace("http://127.0.0.1", "https://localhost");
+    let v = s.edgec_json(&[
+        "status",
+        "--device",
+        &url,
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(v["devices"][0]["active_sha256"], "", "{v}");
+    // Without the CA the certificate is not trusted; plain HTTP/2 is not served.
+    for args in [
+        vec!["status", "--device", url.as_str()],
+        vec!["status", "--device", dev.url.as_str()],
+    ] {
+        let out = s.edgec(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+    }
+}

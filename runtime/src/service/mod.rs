@@ -116,6 +116,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// Public key whose signatures the device accepts.
     pub trusted_key: PathBuf,
+    /// Development only: accept unsigned bundles and untrusted signers.
+    pub allow_unsigned: bool,
     /// File holding the bearer token (surrounding whitespace ignored).
     pub token_file: PathBuf,
     pub tls_cert: Option<PathBuf>,
@@ -283,6 +285,10 @@ pub struct ServeArgs {
     /// Memory budget reported by Status, in bytes (0: none).
     #[arg(long, default_value_t = 0)]
     pub memory_budget: u64,
+    /// Development only: accept unsigned bundles and bundles signed by an untrusted key
+    /// (corrupt bytes and forged signatures are still refused).
+    #[arg(long)]
+    pub allow_unsigned: bool,
 }
 
 /// Runs `edge-runtime serve` to completion.
@@ -305,6 +311,7 @@ pub fn run_cli(a: ServeArgs) -> Result<(), ServiceError> {
         listen: a.listen,
         data_dir: a.data_dir,
         trusted_key: a.trusted_key,
+        allow_unsigned: a.allow_unsigned,
         token_file: a.token_file,
         tls_cert: a.tls_cert,
         tls_key: a.tls_key,

@@ -21,9 +21,9 @@ pub struct BundleInfo {
     pub signer: String,
 }
 
-/// The accepted signers: the `--trusted-key` public key.
-pub fn trust_policy(key: &Path) -> Result<TrustPolicy, ServiceError> {
-    TrustPolicy::from_key_files(&[key.to_path_buf()], false)
+/// The accepted signers: the `--trusted-key` public key (and, for development, anyone).
+pub fn trust_policy(key: &Path, allow_unsigned: bool) -> Result<TrustPolicy, ServiceError> {
+    TrustPolicy::from_key_files(&[key.to_path_buf()], allow_unsigned)
         .map_err(|e| ServiceError::Config(format!("--trusted-key: {e}")))
 }
 

@@ -105,7 +105,7 @@ impl Runtime {
     /// and loads the active bundle.
     pub fn open(cfg: &ServeConfig) -> Result<Runtime, ServiceError> {
         let store = Arc::new(Store::open(&cfg.data_dir)?);
-        let trust = Arc::new(trust_policy(&cfg.trusted_key)?);
+        let trust = Arc::new(trust_policy(&cfg.trusted_key, cfg.allow_unsigned)?);
         for sha in store.list(Kind::Bundle)? {
             if store.read_meta(&sha).is_some() {
                 continue;
