@@ -191,3 +191,42 @@ fn gradients_through_packed_weights_equal_those_through_their_decoded_values() {
         assert!(d <= 1e-4 * scale, "{}: {d:e} (max {scale:e})", p.get(*id).name);
     }
 }
+
+/// Recomputing each window layer's activations before its backward gives the same
+/// gradients as keeping them, and keeps fewer values alive.
+#[test]
+fn recomputed_window_gives_the_same_gradients_as_saved_activations() {
+    let model = edgec::frontend::load(&tiny_llama(), &Default::default()).unwrap();
+    let g = &model.graph;
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: Module::ALL.to_vec(),
+    };
+    let mut p = Params::new(g, lora, &[3], true, false, 0).unwrap();
+    load_adapters(&mut p, &tiny_llama().join("lora.safetensors"));
+    let ids = &read_reference(&tiny_llama().join("reference.safetensors"))["input_ids"];
+    let tokens: Vec<u32> = ids.1[..16].iter().map(|&x| x as u32).collect();
+    let run = |recompute: bool| {
+        let spec = WindowSpec::new(1..=3, 3, 4).unwrap().with_recompute(recompute);
+        let tg = TrainGraph::build(g, &p, spec).unwrap();
+        let mut gr = Grads::zeros(&p, &tg.updates);
+        let loss = TrainRunner::new(g, &p)
+            .step(&tg, &tokens, None, 1.0 / 15.0, &mut gr)
+            .unwrap()
+            .loss;
+        (loss, gr, tg.saved_values().len())
+    };
+    let (la, ga, saved_a) = run(false);
+    let (lb, gb, saved_b) = run(true);
+    assert_eq!(la, lb);
+    assert!(
+        saved_b < saved_a / 4,
+        "recompute keeps {saved_b} values, saving keeps {saved_a}"
+    );
+    for (id, a) in &ga.tensors {
+        let b = &gb.tensors[id];
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(d <= 1e-6, "{}: {d:e}", p.get(*id).name);
+    }
+}

@@ -21,6 +21,9 @@ pub struct InspectArgs {
     /// on every projection): prefix, window forward, backward, update.
     #[arg(long, value_name = "A:B")]
     train: Option<String>,
+    /// With --train: recompute each window layer's activations before its backward.
+    #[arg(long, requires = "train")]
+    recompute: bool,
     /// Print a JSON document instead of text.
     #[arg(long)]
     json: bool,
@@ -116,7 +119,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             targets: Module::ALL.to_vec(),
         };
         let p = Params::new(g, lora, &[e], e + 1 < c.num_layers, false, 0)?;
-        let tg = TrainGraph::build(g, &p, WindowSpec::new(s..=e, e, c.num_layers)?)?;
+        let tg = TrainGraph::build(
+            g,
+            &p,
+            WindowSpec::new(s..=e, e, c.num_layers)?.with_recompute(a.recompute),
+        )?;
         print!("{tg}");
     }
     Ok(())

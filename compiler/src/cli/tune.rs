@@ -94,6 +94,10 @@ pub struct TuneArgs {
     /// epochs; the prefix cache then serves repeated samples within a phase).
     #[arg(long)]
     max_samples: Option<usize>,
+    /// Keep only each window layer's input and recompute its activations before its
+    /// backward (less memory, one more forward of the window).
+    #[arg(long)]
+    recompute: bool,
     /// Run the frozen prefix on every step instead of caching its output per sample.
     #[arg(long)]
     no_prefix_cache: bool,
@@ -195,6 +199,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         cache_prefix: !a.no_prefix_cache,
         checkpoint_every: a.checkpoint_every,
         max_samples: a.max_samples,
+        recompute: a.recompute,
     };
     let (rss_loaded, _) = rss_bytes();
     crate::reset_heap_peak();

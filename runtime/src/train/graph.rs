@@ -156,6 +156,10 @@ pub struct WindowSpec {
     pub layers: RangeInclusive<usize>,
     /// The exit layer (the window's last layer).
     pub exit: usize,
+    /// Keep only each window layer's input through the forward and recompute the layer's
+    /// activations just before its backward (activation memory of one layer instead of
+    /// the whole window, for one more forward of the window).
+    pub recompute: bool,
 }
 
 impl WindowSpec {
@@ -175,7 +179,17 @@ impl WindowSpec {
                 layers.end()
             )));
         }
-        Ok(WindowSpec { layers, exit })
+        Ok(WindowSpec {
+            layers,
+            exit,
+            recompute: false,
+        })
+    }
+
+    /// The same window with recomputation on or off.
+    pub fn with_recompute(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
     }
 }
 
@@ -240,7 +254,8 @@ impl TrainGraph {
     pub fn build(g: &Graph, params: &Params, window: WindowSpec) -> Result<TrainGraph> {
         g.verify()?;
         let layers = g.config.num_layers;
-        let window = WindowSpec::new(window.layers, window.exit, layers)?;
+        let recompute = window.recompute;
+        let window = WindowSpec::new(window.layers, window.exit, layers)?.with_recompute(recompute);
         let hw = head_weights(g)?;
         let exit = params.exit(window.exit);
         let trainable: HashSet<ParamId> = params.trainable_in(window.layers.clone()).into_iter().collect();
@@ -401,11 +416,38 @@ impl TrainGraph {
         contrib.insert(xn, vec![dxn]);
         let fwd_nodes: Vec<TNode> = b.nodes[forward.start..forward.end - 1].to_vec();
         let is_param = |w: &WeightRef| matches!(w, WeightRef::Param(p) if trainable.contains(p));
+        let layer_of =
+            |n: &TNode| -> Option<usize> { n.name.strip_prefix("layers.")?.split('.').next()?.parse().ok() };
+        // Recomputed copies of forward values (recompute mode), by original value.
+        let mut again: HashMap<TVal, TVal> = HashMap::new();
+        let mut recomputed_layer: Option<usize> = None;
         for node in fwd_nodes.iter().rev() {
             let out = node.outputs[0];
             let Some(parts) = contrib.remove(&out) else {
                 continue;
             };
+            let layer = layer_of(node);
+            if window.recompute && layer.is_some() && layer != recomputed_layer {
+                // Re-run this layer's forward from its (kept) input before its backward.
+                recomputed_layer = layer;
+                for f in fwd_nodes.iter().filter(|f| layer_of(f) == layer) {
+                    let ins: Vec<TVal> = f.inputs.iter().map(|v| *again.get(v).unwrap_or(v)).collect();
+                    let outs: Vec<TVal> = f
+                        .outputs
+                        .iter()
+                        .map(|o| {
+                            let (n, w) = (format!("{}'", b.values[o.0].name), b.values[o.0].width);
+                            b.value(n, w)
+                        })
+                        .collect();
+                    b.node(format!("recompute {}", f.name), f.op.clone(), ins, outs.clone());
+                    for (o, n) in f.outputs.iter().zip(outs) {
+                        again.insert(*o, n);
+                    }
+                }
+            }
+            // A saved forward value, or its recomputed copy.
+            let r = |v: TVal| *again.get(&v).unwrap_or(&v);
             // The gradient of `out`: the sum of its consumers' contributions.
             let mut dy = parts[0];
             for &p in &parts[1..] {
@@ -434,10 +476,10 @@ impl TrainGraph {
                         need_dx,
                     };
                     if need_dx {
-                        let dx = b.unary(gname(&b, x), op, vec![x, dy], b.values[x.0].width);
+                        let dx = b.unary(gname(&b, x), op, vec![r(x), dy], b.values[x.0].width);
                         give(x, dx);
                     } else {
-                        b.node(format!("grad({}).weight", node.name), op, vec![x, dy], vec![]);
+                        b.node(format!("grad({}).weight", node.name), op, vec![r(x), dy], vec![]);
                     }
                 }
                 TOp::Linear { weight } => {
@@ -464,7 +506,7 @@ impl TrainGraph {
                             rank: *rank,
                             scale: *scale,
                         },
-                        vec![h, dy],
+                        vec![r(h), dy],
                         *rank,
                     );
                     give(h, dh);
@@ -478,10 +520,10 @@ impl TrainGraph {
                         need_dx,
                     };
                     if need_dx {
-                        let dx = b.unary(gname(&b, x), op, vec![x, dy], b.values[x.0].width);
+                        let dx = b.unary(gname(&b, x), op, vec![r(x), dy], b.values[x.0].width);
                         give(x, dx);
                     } else {
-                        b.node(format!("grad({}).A", node.name), op, vec![x, dy], vec![]);
+                        b.node(format!("grad({}).A", node.name), op, vec![r(x), dy], vec![]);
                     }
                 }
                 TOp::Rope {
@@ -524,7 +566,7 @@ impl TrainGraph {
                             kv_heads: *kv_heads,
                             head_dim: *head_dim,
                         },
-                        vec![q, k, v, dy],
+                        vec![r(q), r(k), r(v), dy],
                         outs.clone(),
                     );
                     for (i, o) in [q, k, v].into_iter().zip(outs) {
@@ -543,7 +585,7 @@ impl TrainGraph {
                     b.node(
                         format!("grad({})", node.name),
                         TOp::SwiGluBack,
-                        vec![gate, up, dy],
+                        vec![r(gate), r(up), dy],
                         vec![dg, du],
                     );
                     if wants(&gate) {
@@ -615,7 +657,7 @@ impl TrainGraph {
                 defined[v.0] = true;
             }
             let section_ok = if self.backward.contains(&i) {
-                n.op.name().ends_with("Back") || n.op == TOp::GradSum
+                n.op.name().ends_with("Back") || n.op == TOp::GradSum || n.name.starts_with("recompute ")
             } else {
                 !n.op.name().ends_with("Back") && n.op != TOp::GradSum
             };

@@ -54,6 +54,9 @@ pub struct TuneConfig {
     /// Use only the first N samples of the data (a small local dataset, several epochs).
     #[serde(default)]
     pub max_samples: Option<usize>,
+    /// Recompute each window layer's activations before its backward instead of keeping them.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 /// One phase of the schedule: a window and the steps it trains for.
@@ -96,6 +99,14 @@ pub fn exit_layers(mode: TuneMode, exits: Option<&[usize]>, layers: usize) -> Re
 /// The phases of a run of `steps` steps (edge: split evenly over the exits, the
 /// remainder to the last, as the paper's code does).
 pub fn plan(cfg: &TuneConfig, layers: usize) -> Result<Vec<Phase>> {
+    let mut phases = plan_windows(cfg, layers)?;
+    for p in &mut phases {
+        p.window.recompute = cfg.recompute;
+    }
+    Ok(phases)
+}
+
+fn plan_windows(cfg: &TuneConfig, layers: usize) -> Result<Vec<Phase>> {
     let exits = exit_layers(cfg.mode, cfg.exits.as_deref(), layers)?;
     if cfg.steps == 0 {
         return Err(RuntimeError::Invalid(
@@ -485,6 +496,7 @@ mod tests {
             cache_prefix: true,
             checkpoint_every: 0,
             max_samples: None,
+            recompute: false,
         }
     }
 
