@@ -35,7 +35,7 @@ for f in sorted(glob.glob(f"{out}/peft-full-r*.json")):
     rows.setdefault("PyTorch+PEFT full", []).append(
         (d["seconds_per_step"], d["peak_rss_bytes"], d["peak_rss_bytes"] - d["rss_after_load_bytes"], None))
 per_exit = {}
-for kind in ["full", "edge", "edge-epochs"]:
+for kind in ["full", "edge", "edge-epochs", "edge-recompute"]:
     for f in sorted(glob.glob(f"{out}/edgec-{kind}-r*.jsonl")):
         steps, s = edgec_run(f, skip=3 if kind == "full" else 0)
         sec = statistics.median(x["seconds"] for x in steps)
@@ -93,3 +93,9 @@ if os.path.exists(base):
             print()
             print("Edge per exit: " + ", ".join(f"{k} {pe[k]:.2f}" for k in sorted(pe, key=lambda x: int(x.split()[1]))))
             print()
+
+ce, cp = f"{out}/check-edgec.json", f"{out}/check-peft.json"
+if os.path.exists(ce) and os.path.exists(cp):
+    a, b = json.load(open(ce)), json.load(open(cp))
+    print(f"PEFT check: adapters of the full run loaded with PeftModel.from_pretrained: loss {b['loss']:.6f} "
+          f"(PyTorch) vs {a['loss']:.6f} (edgec), |diff| {abs(a['loss'] - b['loss']):.2e}")

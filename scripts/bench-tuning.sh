@@ -40,11 +40,13 @@ for r in $(seq 1 "$ROUNDS"); do
   tune "edgec-edge-r$r" --mode edge --stride 6 --steps "$EDGE_STEPS"
   echo "round $r: edgec edge on 2 local samples (3 epochs per phase: the prefix cache hits)" >&2
   tune "edgec-edge-epochs-r$r" --mode edge --stride 6 --steps "$EDGE_STEPS" --max-samples 2
+  echo "round $r: edgec edge, window activations recomputed before the backward" >&2
+  tune "edgec-edge-recompute-r$r" --mode edge --stride 6 --steps "$EDGE_STEPS" --recompute
 done
 if [ "${COMPRESSED:-0}" = 1 ]; then
   if [ ! -f "$OUT/luc4/edge-model.json" ]; then
     "$E" policy --profile docs/luc/smollm2-sensitivity.json --budget bits=4 --method optimal -o "$OUT/luc4.toml" >&2
-    "$E" compress -m "$MODEL" --policy "$OUT/luc4.toml" -o "$OUT/luc4" >&2
+    "$E" compress -m "$MODEL" --policy "$OUT/luc4.toml" --calib $DATA/train.txt --samples 8 --seq 256 -o "$OUT/luc4" >&2
   fi
   for mode in full edge; do
     echo "compressed model: edgec $mode" >&2
@@ -64,5 +66,12 @@ if [ "${QUALITY:-0}" = 1 ]; then
       --seq 256 --rank 8 --threads "$THREADS" --checkpoint-every 0 --json -o "$OUT/ad-q-$mode" \
       --mode $mode --stride 6 --steps "$QSTEPS" > "$OUT/quality-$mode.jsonl" 2> /dev/null
   done
+fi
+if [ -d "$OUT/ad-q-full" ]; then
+  # PEFT loads the adapters edgec wrote: the same loss on the same token ids.
+  python3 -c "import random; r = random.Random(7); print('\n'.join(' '.join(str(r.randrange(1, 49152)) for _ in range(64)) for _ in range(2)))" > "$OUT/check-ids.txt"
+  "$E" eval -m "$MODEL" --adapters "$OUT/ad-q-full" --tokens "$OUT/check-ids.txt" --json > "$OUT/check-edgec.json"
+  "$VENV/bin/python" bench/peft/bench_peft.py check --model "$MODEL" --adapters "$OUT/ad-q-full" \
+    --tokens "$OUT/check-ids.txt" > "$OUT/check-peft.json" 2> /dev/null
 fi
 python3 scripts/bench-tuning-summarize.py "$OUT"
