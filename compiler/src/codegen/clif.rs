@@ -15,7 +15,8 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::immediates::Ieee32;
 use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{
-    AbiParam, ConstantData, Function, InstBuilder, MemFlagsData, Signature, Type, UserFuncName, Value,
+    AbiParam, Block, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type,
+    UserFuncName, Value,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -57,6 +58,19 @@ pub fn build_function(spec: &KernelSpec) -> Function {
 /// The CLIF text of a kernel (what the bundle's kernel table holds).
 pub fn generate_clif(spec: &KernelSpec) -> String {
     build_function(spec).display().to_string()
+}
+
+/// The loop variables of the matvec kernel.
+struct MatvecVars {
+    cp: Variable,
+    sp: Variable,
+    mp: Variable,
+    yp: Variable,
+    xq: Variable,
+    xd: Variable,
+    xs: Variable,
+    gend: Variable,
+    accf: Variable,
 }
 
 struct Gen<'a> {
@@ -141,18 +155,20 @@ impl<'a> Gen<'a> {
     /// Loads unit `u` of the group at `cp` and splits it into its bit fields: field `k`
     /// lane `i` is code `i * 8 / bits + k` of the unit (lanes past `unit` are zero).
     fn unit_fields(&mut self, cp: Value, u: usize) -> Vec<Value> {
-        let off = (u * self.unit) as i32;
+        self.unit_fields_at(cp, (u * self.unit) as i32)
+    }
+
+    /// [`unit_fields`](Self::unit_fields) of the unit at byte offset `off` from `cp`.
+    fn unit_fields_at(&mut self, cp: Value, off: i32) -> Vec<Value> {
         let v = if self.unit == 16 {
             self.b.ins().load(I8X16, mem(), cp, off)
         } else {
             // A half unit (2-bit codes, group 32): eight bytes into the low lanes.
             let s = self.b.ins().load(I64, mem(), cp, off);
             let v = self.b.ins().scalar_to_vector(I64X2, s);
-            self.b.ins().bitcast(
-                I8X16,
-                MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little),
-                v,
-            )
+            self.b
+                .ins()
+                .bitcast(I8X16, MemFlagsData::new().with_endianness(Endianness::Little), v)
         };
         let fields = 8 / self.bits;
         let mask = (1i64 << self.bits) - 1;
@@ -203,6 +219,115 @@ impl<'a> Gen<'a> {
         (s, m)
     }
 
+    /// Four f16 values `stride` bytes apart from `ptr` as f32x4 (see [`load_f16`](Self::load_f16)).
+    fn load_f16x4(&mut self, ptr: Value, stride: i64) -> Value {
+        let h0 = self.b.ins().sload16(I32, mem(), ptr, 0);
+        let mut v = self.b.ins().scalar_to_vector(I32X4, h0);
+        for i in 1..4u8 {
+            let h = self.b.ins().sload16(I32, mem(), ptr, (stride * i as i64) as i32);
+            v = self.b.ins().insertlane(v, h, i);
+        }
+        let sh = self.b.ins().iconst(I32, 13);
+        let v = self.b.ins().ishl(v, sh);
+        let m = self.b.ins().iconst(I32, 0x8fff_e000u32 as i32 as i64);
+        let m = self.b.ins().splat(I32X4, m);
+        let v = self.b.ins().band(v, m);
+        let f = self
+            .b
+            .ins()
+            .bitcast(F32X4, MemFlagsData::new().with_endianness(Endianness::Little), v);
+        let k = self.fconst(f32::from_bits((127 + 112) << 23));
+        let k = self.b.ins().splat(F32X4, k);
+        self.b.ins().fmul(f, k)
+    }
+
+    /// The four-row loop of the matvec kernel: from `head` while `yp < y4end`, then `done`.
+    /// Every group's codes of four consecutive rows meet the same x vectors; the four
+    /// integer sums are reduced into one vector (a lane per row) and scaled together.
+    fn matvec_quads(&mut self, head: Block, done: Block, v: &MatvecVars, x: [Value; 3], y4end: Value) {
+        let row_codes = (self.groups * self.gb) as i64;
+        let row_scales = 2 * self.groups as i64;
+        let group = self.b.create_block();
+        let end = self.b.create_block();
+        self.b.switch_to_block(head);
+        self.b.def_var(v.xq, x[0]);
+        self.b.def_var(v.xd, x[1]);
+        self.b.def_var(v.xs, x[2]);
+        let sp = self.b.use_var(v.sp);
+        let gend = self.b.ins().iadd_imm_s(sp, row_scales);
+        self.b.def_var(v.gend, gend);
+        let zf = self.fconst(0.0);
+        let zf4 = self.b.ins().splat(F32X4, zf);
+        self.b.def_var(v.accf, zf4);
+        self.b.ins().jump(group, &[]);
+
+        self.b.switch_to_block(group);
+        let (cp, sp, mp) = (self.b.use_var(v.cp), self.b.use_var(v.sp), self.b.use_var(v.mp));
+        let (xqp, xdp, xsp) = (self.b.use_var(v.xq), self.b.use_var(v.xd), self.b.use_var(v.xs));
+        let zi = self.b.ins().iconst(I32, 0);
+        let zi4 = self.b.ins().splat(I32X4, zi);
+        let mut iacc = [zi4; 4];
+        let mut xoff = 0i32;
+        for u in 0..self.gb / self.unit {
+            let fields: Vec<Vec<Value>> = (0..4)
+                .map(|r| self.unit_fields_at(cp, (r * row_codes) as i32 + (u * self.unit) as i32))
+                .collect();
+            #[allow(clippy::needless_range_loop)] // fields[r][f]: row r, field f
+            for f in 0..fields[0].len() {
+                let xv = self.b.ins().load(I8X16, mem(), xqp, xoff);
+                for r in 0..4 {
+                    iacc[r] = self.dot(xv, fields[r][f], iacc[r]);
+                }
+                xoff += self.unit as i32;
+            }
+        }
+        let p01 = self.b.ins().iadd_pairwise(iacc[0], iacc[1]);
+        let p23 = self.b.ins().iadd_pairwise(iacc[2], iacc[3]);
+        let isum = self.b.ins().iadd_pairwise(p01, p23);
+        let sv = self.load_f16x4(sp, row_scales);
+        let d = self.b.ins().load(F32, mem(), xdp, 0);
+        let dv = self.b.ins().splat(F32X4, d);
+        let sd = self.b.ins().fmul(sv, dv);
+        let fi = self.b.ins().fcvt_from_sint(F32X4, isum);
+        let t = self.b.ins().fmul(fi, sd);
+        let accf = self.b.use_var(v.accf);
+        let accf = self.b.ins().fadd(accf, t);
+        let mv = if self.sym {
+            let off = self.fconst(-((1u32 << (self.bits - 1)) as f32));
+            let off = self.b.ins().splat(F32X4, off);
+            self.b.ins().fmul(sv, off)
+        } else {
+            self.load_f16x4(mp, row_scales)
+        };
+        let xsum = self.b.ins().load(F32, mem(), xsp, 0);
+        let xsv = self.b.ins().splat(F32X4, xsum);
+        let mt = self.b.ins().fmul(mv, xsv);
+        let accf = self.b.ins().fadd(accf, mt);
+        self.b.def_var(v.accf, accf);
+        self.bump(v.cp, cp, self.gb);
+        let sp = self.bump(v.sp, sp, 2);
+        self.bump(v.mp, mp, 2);
+        self.bump(v.xq, xqp, self.group);
+        self.bump(v.xd, xdp, 4);
+        self.bump(v.xs, xsp, 4);
+        let gend = self.b.use_var(v.gend);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, sp, gend);
+        self.b.ins().brif(more, group, &[], end, &[]);
+
+        // Four rows done: store their lanes, skip the three rows walked alongside.
+        self.b.switch_to_block(end);
+        let accf = self.b.use_var(v.accf);
+        let yp = self.b.use_var(v.yp);
+        self.b.ins().store(mem(), accf, yp, 0);
+        let yp = self.bump(v.yp, yp, 16);
+        let (cp, sp, mp) = (self.b.use_var(v.cp), self.b.use_var(v.sp), self.b.use_var(v.mp));
+        self.bump(v.cp, cp, 3 * row_codes as usize);
+        self.bump(v.sp, sp, 3 * row_scales as usize);
+        self.bump(v.mp, mp, 3 * row_scales as usize);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, yp, y4end);
+        self.b.ins().brif(more, head, &[], done, &[]);
+    }
+
     fn matvec(&mut self) {
         let entry = self.b.create_block();
         self.b.append_block_params_for_function_params(entry);
@@ -235,7 +360,29 @@ impl<'a> Gen<'a> {
         );
         let v_accf = self.b.declare_var(F32X4);
         let v_accm = self.b.declare_var(F32);
-        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, y, yend);
+        // Rows four at a time (one f32 lane each), then the rest one at a time.
+        let n4 = self.b.ins().band_imm_s(n, !3);
+        let y4end = self.offset(y, n4, 4);
+        let tail = self.b.create_block();
+        let quad_head = self.b.create_block();
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, y, y4end);
+        self.b.ins().brif(more, quad_head, &[], tail, &[]);
+        let vars = MatvecVars {
+            cp: v_cp,
+            sp: v_sp,
+            mp: v_mp,
+            yp: v_yp,
+            xq: v_xq,
+            xd: v_xd,
+            xs: v_xs,
+            gend: v_gend,
+            accf: v_accf,
+        };
+        self.matvec_quads(quad_head, tail, &vars, [xq, xd, xs], y4end);
+
+        self.b.switch_to_block(tail);
+        let yp = self.b.use_var(v_yp);
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, yp, yend);
         self.b.ins().brif(more, row_head, &[], exit, &[]);
 
         // A row: reset the x pointers and accumulators.

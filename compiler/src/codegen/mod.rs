@@ -25,6 +25,7 @@ use edge_runtime::Executor;
 use edge_runtime::ir::{Graph, Op, WeightData};
 use edge_runtime::jit::spec::{KernelKind, KernelSpec, unsupported_reason};
 use edge_runtime::jit::{KernelSet, KernelSource};
+use edge_runtime::packed::PackedWeight;
 use thiserror::Error;
 
 pub use clif::{build_function, generate_clif};
@@ -170,20 +171,30 @@ pub fn kernel_sources(graph: &Graph) -> (Vec<KernelSource>, Vec<(String, String)
         if !seen.insert(w.name.clone()) {
             continue;
         }
-        if let Some(why) = unsupported_reason(p.format()) {
-            skipped.push((w.name.clone(), why));
-            continue;
-        }
-        for kind in KernelKind::ALL {
-            let spec = KernelSpec::new(kind, p.rows(), p.cols(), p.format()).expect("supported format");
-            sources.push(KernelSource {
-                weight: w.name.clone(),
-                clif: generate_clif(&spec),
-                spec,
-            });
+        match weight_sources(&w.name, p) {
+            Ok(s) => sources.extend(s),
+            Err(why) => skipped.push((w.name.clone(), why)),
         }
     }
     (sources, skipped)
+}
+
+/// The kernel sources (every kind) of one packed weight, or why its format has none.
+pub fn weight_sources(name: &str, p: &PackedWeight) -> Result<Vec<KernelSource>, String> {
+    if let Some(why) = unsupported_reason(p.format()) {
+        return Err(why);
+    }
+    KernelKind::ALL
+        .iter()
+        .map(|&kind| {
+            let spec = KernelSpec::new(kind, p.rows(), p.cols(), p.format()).map_err(|e| e.to_string())?;
+            Ok(KernelSource {
+                weight: name.into(),
+                clif: generate_clif(&spec),
+                spec,
+            })
+        })
+        .collect()
 }
 
 /// An executor for `graph` whose compressed linears run `mode`'s kernels.

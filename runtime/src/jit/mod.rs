@@ -388,7 +388,10 @@ impl WeightKernels {
 
     fn matvec_row(&self, f: MatvecFn, ptrs: Ptrs, x: &[f32], y: &mut [f32]) {
         let qx = QuantizedX::new(x, &self.quant);
-        let chunk = (y.len() / (16 * rayon::current_num_threads())).clamp(16, 1024);
+        // Multiples of four rows: the kernel runs rows four at a time.
+        let chunk = (y.len() / (16 * rayon::current_num_threads()))
+            .clamp(16, 1024)
+            .next_multiple_of(4);
         let (xq, xd, xs) = (
             qx.xq.as_ptr() as usize,
             qx.xd.as_ptr() as usize,
