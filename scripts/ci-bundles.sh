@@ -28,7 +28,8 @@ targets=()
 for f in targets/*.toml; do
   targets+=(--target "$(basename "$f" .toml)")
 done
-"$EDGEC" build --model "$FIXTURE" "${targets[@]}" --sign-key "$WORK/key" -o "$WORK/bundles"
+# Every target, with the policy (so each bundle's kernel table is compiled for its ISA).
+"$EDGEC" build --model "$FIXTURE" --policy "$WORK/policy.toml" "${targets[@]}" --sign-key "$WORK/key" -o "$WORK/bundles"
 for f in targets/*.toml; do
   name=$(basename "$f" .toml)
   "$EDGEC" verify --bundle "$WORK/bundles/$name.edgeb" --trusted-key "$WORK/key.pub" >/dev/null
@@ -42,18 +43,21 @@ same_loss() { # name, want, got
     printf "%s: edgec eval %s, edge-runtime eval %s (relative difference %.2e)\n", n, a, b, d
     exit !(d <= 1e-4) }'
 }
+runtime_loss() { # bundle, kernels
+  "$RUNTIME" eval --bundle "$1" --trusted-key "$WORK/key.pub" --kernels "$2" --tokens "$WORK/tokens.txt" --json | loss
+}
 
-# The host bundle as built above (weights as in the model).
-want=$("$EDGEC" eval --model "$FIXTURE" --tokens "$WORK/tokens.txt" --json | loss)
-got=$("$RUNTIME" eval --bundle "$WORK/bundles/host.edgeb" --trusted-key "$WORK/key.pub" --tokens "$WORK/tokens.txt" --json | loss)
-same_loss "host bundle" "$want" "$got"
-
-# With the policy: the bundle against `edgec compress` + `edgec eval`.
+# The host bundle with the policy against `edgec compress` + `edgec eval`, through the
+# reference kernels and through the JIT-compiled kernel table.
 "$EDGEC" compress --model "$FIXTURE" --policy "$WORK/policy.toml" -o "$WORK/compressed" >/dev/null
-"$EDGEC" build --model "$FIXTURE" --policy "$WORK/policy.toml" --target host --sign-key "$WORK/key" -o "$WORK/q.edgeb" >/dev/null
 want=$("$EDGEC" eval --model "$WORK/compressed" --tokens "$WORK/tokens.txt" --json | loss)
-got=$("$RUNTIME" eval --bundle "$WORK/q.edgeb" --trusted-key "$WORK/key.pub" --tokens "$WORK/tokens.txt" --json | loss)
-same_loss "host bundle with policy" "$want" "$got"
+same_loss "host bundle with policy, reference kernels" "$want" "$(runtime_loss "$WORK/bundles/host.edgeb" reference)"
+same_loss "host bundle with policy, JIT kernels" "$want" "$(runtime_loss "$WORK/bundles/host.edgeb" jit)"
+
+# Without a policy: the weights as in the model.
+"$EDGEC" build --model "$FIXTURE" --target host --sign-key "$WORK/key" -o "$WORK/plain.edgeb" >/dev/null
+want=$("$EDGEC" eval --model "$FIXTURE" --tokens "$WORK/tokens.txt" --json | loss)
+same_loss "host bundle" "$want" "$(runtime_loss "$WORK/plain.edgeb" jit)"
 
 # Refusals.
 "$EDGEC" build --model "$FIXTURE" --target host --unsigned -o "$WORK/unsigned.edgeb" >/dev/null

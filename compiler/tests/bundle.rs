@@ -156,12 +156,43 @@ fn compressed_bundle_gives_the_loss_of_the_compressed_model() {
         }
     }
     let (seqs, _) = reference_sequences();
-    let exec = Executor::new(Arc::new(g)).unwrap();
+    let g = Arc::new(g);
+    let exec = Executor::new(g.clone()).unwrap();
     let want = edgec::eval::sequence_loss(&exec, &seqs, |_, _| {}).unwrap().loss;
     let got = loss(b.graph_arc(), &seqs);
     assert!(
         ((got - want) / want).abs() <= 1e-4,
         "bundle {got} vs compressed model {want}"
+    );
+
+    // The kernel table: the 4-bit layers' kernels (2:4 layers have none yet), matched to
+    // their weights; through the JIT the bundle computes what the compiler's JIT path does.
+    let sources = b.kernel_sources();
+    assert!(!b.kernels().is_empty() && !sources.is_empty());
+    assert!(
+        b.kernels().iter().all(|k| k.clif.contains("function")),
+        "CLIF text"
+    );
+    assert!(
+        sources
+            .iter()
+            .all(|s| !s.weight.contains("layers.1.") && !s.weight.contains("layers.3."))
+    );
+    let set = edge_runtime::jit::KernelSet::compile(&sources).unwrap();
+    let jit = Executor::with_kernels(b.graph_arc(), Arc::new(set)).unwrap();
+    let got_jit = eval::sequence_loss(&jit, &seqs, |_, _| {}).unwrap().loss;
+    let compiler_jit = edgec::codegen::executor(g, edgec::codegen::KernelMode::Jit).unwrap();
+    let want_jit = edgec::eval::sequence_loss(&compiler_jit, &seqs, |_, _| {})
+        .unwrap()
+        .loss;
+    assert!(
+        ((got_jit - want_jit) / want_jit).abs() <= 1e-4,
+        "bundle JIT {got_jit} vs compiler JIT {want_jit}"
+    );
+    // The JIT's int8 activations move the loss a little from the reference kernels.
+    assert!(
+        ((got_jit - got) / got).abs() <= 1e-2,
+        "JIT {got_jit} vs reference {got}"
     );
 }
 

@@ -109,6 +109,17 @@ struct BundleArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't', value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// Kernels for the compressed weights: `jit` compiles the bundle's generated kernels
+    /// for this machine (weights without one run the reference kernels); `reference` runs
+    /// the runtime's plain Rust kernels.
+    #[arg(long, value_enum, default_value_t = Kernels::Jit)]
+    kernels: Kernels,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Kernels {
+    Jit,
+    Reference,
 }
 
 impl BundleArgs {
@@ -122,6 +133,22 @@ impl BundleArgs {
             );
         }
         Ok(b)
+    }
+
+    /// The executor for the bundle's graph with the chosen kernels, and how many kernels
+    /// were JIT-compiled.
+    fn executor(&self, b: &Bundle) -> anyhow::Result<(Executor, usize)> {
+        let sources = b.kernel_sources();
+        if self.kernels == Kernels::Reference || sources.is_empty() {
+            return Ok((Executor::new(b.graph_arc())?, 0));
+        }
+        let set = edge_runtime::jit::KernelSet::compile(&sources)
+            .with_context(|| format!("{}: compiling its kernels", b.path().display()))?;
+        let n = set.functions();
+        Ok((
+            Executor::with_kernels(b.graph_arc(), std::sync::Arc::new(set))?,
+            n,
+        ))
     }
 }
 
@@ -182,7 +209,7 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 
 fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     let b = a.bundle.open()?;
-    let exec = Executor::new(b.graph_arc())?;
+    let (exec, jit) = a.bundle.executor(&b)?;
     let started = std::time::Instant::now();
     let result = if let Some(path) = &a.text {
         let text = read_text(path)?;
@@ -218,6 +245,7 @@ fn eval(a: &EvalArgs) -> anyhow::Result<()> {
         v["ctx"] = a.ctx.into();
         v["bundle_sha256"] = b.sha256_hex().into();
         v["target"] = b.target().name.clone().into();
+        v["jit_kernels"] = jit.into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
@@ -274,7 +302,7 @@ fn generate(a: &GenerateArgs) -> anyhow::Result<()> {
     );
     let b = a.bundle.open()?;
     let tok = tokenizer(&b, "it cannot encode a prompt")?;
-    let exec = Executor::new(b.graph_arc())?;
+    let (exec, _) = a.bundle.executor(&b)?;
     let prompt = tok.encode(&a.prompt)?;
     anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
     let mode = if a.temperature == 0.0 {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use edge_runtime::bundle::{self, BundleContents, SigningKey};
+use edge_runtime::bundle::{self, BundleContents, SigningKey, manifest};
 use edge_runtime::ir::Graph;
 use edgec::luc::compress::compress_graph;
 use edgec::luc::policy::Policy;
@@ -89,6 +89,37 @@ fn format_size_approx(b: u64) -> String {
     }
 }
 
+/// The kernel table: one entry per generated kernel the graph's compressed weights use,
+/// each compiled here for the target's ISA so that a bundle its device cannot compile is
+/// refused before it ships.
+fn kernel_table(t: &Target, graph: &Graph) -> anyhow::Result<Vec<manifest::Kernel>> {
+    let (sources, skipped) = edgec::codegen::kernel_sources(graph);
+    for (w, why) in &skipped {
+        tracing::info!("{w}: no generated kernel ({why})");
+    }
+    let (triple, flags) = t.cranelift_isa();
+    let isa = edgec::codegen::target_isa(&triple, &flags)
+        .with_context(|| format!("target `{}`: Cranelift ISA {triple} {flags:?}", t.name))?;
+    let mut table: Vec<manifest::Kernel> = vec![];
+    for s in sources {
+        let name = s.spec.name();
+        if table.iter().any(|k| k.name == name) {
+            continue;
+        }
+        edgec::codegen::compile_for_isa(&s.clif, &*isa)
+            .with_context(|| format!("target `{}`: kernel {name}", t.name))?;
+        table.push(manifest::Kernel {
+            spec: format!(
+                "{:?} [{}, {}] {}",
+                s.spec.kind, s.spec.rows, s.spec.cols, s.spec.format
+            ),
+            name,
+            clif: s.clif,
+        });
+    }
+    Ok(table)
+}
+
 /// Where each target's bundle goes.
 fn outputs(out: &Path, targets: &[Target]) -> anyhow::Result<Vec<PathBuf>> {
     if targets.len() == 1 {
@@ -150,18 +181,20 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         }
         None => (model.graph.clone(), String::new()),
     };
+    let mut kernels = vec![];
     for t in &targets {
         check_budget(t, &graph)?;
+        kernels.push(kernel_table(t, &graph)?);
     }
     let source = a.model.model.display().to_string();
     let mut report = vec![];
-    for (t, path) in targets.iter().zip(&paths) {
+    for ((t, path), kernels) in targets.iter().zip(&paths).zip(kernels) {
         let contents = BundleContents {
             graph: &graph,
             tokenizer: model.tokenizer.as_ref(),
             policy: policy_text.clone(),
             target: t.to_manifest(),
-            kernels: vec![],
+            kernels,
             compiler_version: format!("edgec {}", env!("CARGO_PKG_VERSION")),
             source: source.clone(),
         };

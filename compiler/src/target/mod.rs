@@ -631,6 +631,39 @@ impl Target {
             .expect("validated targets have DRAM")
     }
 
+    /// The Cranelift triple and ISA settings for the target's arch and features (features
+    /// Cranelift has no setting for are left out).
+    pub fn cranelift_isa(&self) -> (String, Vec<&'static str>) {
+        let triple = format!("{}-unknown-linux-gnu", self.arch);
+        let flags = self
+            .features
+            .iter()
+            .filter_map(|f| {
+                Some(match (self.arch.as_str(), f.as_str()) {
+                    ("x86_64", "sse3") => "has_sse3",
+                    ("x86_64", "ssse3") => "has_ssse3",
+                    ("x86_64", "sse4.1") => "has_sse41",
+                    ("x86_64", "sse4.2") => "has_sse42",
+                    ("x86_64", "popcnt") => "has_popcnt",
+                    ("x86_64", "avx") => "has_avx",
+                    ("x86_64", "avx2") => "has_avx2",
+                    ("x86_64", "fma") => "has_fma",
+                    ("x86_64", "bmi1") => "has_bmi1",
+                    ("x86_64", "bmi2") => "has_bmi2",
+                    ("x86_64", "avx512f") => "has_avx512f",
+                    ("x86_64", "avx512vl") => "has_avx512vl",
+                    ("x86_64", "avx512vnni") => "has_avx512vnni",
+                    ("x86_64", "avxvnni") => "has_avx_vnni",
+                    ("aarch64", "fp16") => "has_fp16",
+                    ("aarch64", "dotprod") => "has_dotprod",
+                    ("aarch64", "i8mm") => "has_i8mm",
+                    _ => return None,
+                })
+            })
+            .collect();
+        (triple, flags)
+    }
+
     /// Whether this machine can run code for the target (same ISA and features).
     pub fn runs_here(&self) -> bool {
         self.arch == std::env::consts::ARCH

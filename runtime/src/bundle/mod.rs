@@ -504,6 +504,31 @@ impl Bundle {
     pub fn kernels(&self) -> &[pb::Kernel] {
         &self.manifest.kernels
     }
+
+    /// The kernel table matched to the graph's compressed weights: for every packed weight
+    /// and kernel kind with a generated kernel in the table, the source the JIT compiles
+    /// (`jit::KernelSet::compile`). Weights without one run the reference kernels.
+    pub fn kernel_sources(&self) -> Vec<crate::jit::KernelSource> {
+        use crate::jit::spec::{KernelKind, KernelSpec};
+        let mut out = vec![];
+        for w in &self.graph.weights {
+            let Some(p) = w.data.packed() else { continue };
+            for kind in KernelKind::ALL {
+                let Ok(spec) = KernelSpec::new(kind, p.rows(), p.cols(), p.format()) else {
+                    continue;
+                };
+                let name = spec.name();
+                if let Some(k) = self.manifest.kernels.iter().find(|k| k.name == name) {
+                    out.push(crate::jit::KernelSource {
+                        weight: w.name.clone(),
+                        spec,
+                        clif: k.clif.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
     pub fn manifest(&self) -> &pb::Manifest {
         &self.manifest
     }
