@@ -24,7 +24,7 @@
 //!   xd: f32 [G]          the int8 scale of each group of x
 //!   xs: f32 [G]          sum of x over each group
 //!   codes/scales/mins:   the weight's `qweight`, `scales`, `mins` buffers (mins unused when symmetric)
-//!   y: f32 [rows]        y[r] written for r in r0..r1
+//!   y: f32 [r1 - r0]     y[r - r0] = row r's dot product, for r in r0..r1
 //! decode(codes, scales, mins, out, r0, r1)
 //!   out: f32 [(r1 - r0) * G * group]   row r at (r - r0) * G * group
 //! ```
