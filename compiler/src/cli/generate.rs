@@ -4,8 +4,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use clap::Args;
-use edge_runtime::sampling::{Sampler, Sampling};
 use edge_runtime::Rows;
+use edge_runtime::sampling::{Sampler, Sampling};
 
 #[derive(Args)]
 pub struct GenerateArgs {
