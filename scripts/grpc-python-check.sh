@@ -83,10 +83,6 @@ print("services:", services, file=sys.stderr)
 pool = descriptor_pool.DescriptorPool(db)
 
 
-def message(name):
-    return GetMessageClass(pool.FindMessageTypeByName(name))
-
-
 def method_types(service, method):
     m = pool.FindServiceByName(service).FindMethodByName(method)
     return GetMessageClass(m.input_type), GetMessageClass(m.output_type)

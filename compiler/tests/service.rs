@@ -329,9 +329,37 @@ fn deploy_activate_generate_matches_local_run() {
         "{err}"
     );
 
-    // A second deploy finds the bundle there and sends nothing.
-    let v = s.deploy(&b1, &dev, &[]);
-    assert_eq!(v["devices"][0]["skipped"], true, "{v}");
+    // A fleet: the first device has the bundle and is skipped, the second gets it; both
+    // end up with it active.
+    let dev2 = s.device("dev2", &[], &[]);
+    let fleet = s.path("fleet.txt");
+    std::fs::write(&fleet, format!("# test fleet\n{}\n\n", dev2.url)).unwrap();
+    let v = s.deploy(&b1, &dev, &["--devices", fleet.to_str().unwrap()]);
+    let by_url = |u: &str| {
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device"] == u)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_url(&dev.url)["skipped"], true, "{v}");
+    assert_eq!(by_url(&dev2.url)["skipped"], false, "{v}");
+    assert_eq!(
+        by_url(&dev2.url)["bytes_sent"],
+        std::fs::metadata(&b1).unwrap().len(),
+        "{v}"
+    );
+    assert!(
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["activated"] == true),
+        "{v}"
+    );
+    drop(dev2);
 
     // A second bundle, then rollback to the first.
     let b2 = s.bundle("b2.edgeb", Some(edge_runtime::DType::F16), Some(&s.key));
