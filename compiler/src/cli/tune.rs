@@ -85,6 +85,10 @@ pub struct TuneArgs {
     /// Cosine decay floor as a fraction of --lr.
     #[arg(long, default_value_t = 0.1)]
     min_lr_ratio: f32,
+    /// Learning rate of the exits' norms (and heads): they start far from what an early
+    /// layer needs, so they learn faster than the adapters. Follows the same schedule.
+    #[arg(long, default_value_t = 0.1)]
+    exit_lr: f32,
     /// Gradient clipping by global norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     clip: f32,
@@ -200,6 +204,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         checkpoint_every: a.checkpoint_every,
         max_samples: a.max_samples,
         recompute: a.recompute,
+        exit_lr: Some(a.exit_lr),
     };
     let (rss_loaded, _) = rss_bytes();
     crate::reset_heap_peak();

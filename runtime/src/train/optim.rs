@@ -48,11 +48,17 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient, at learning rate `lr`.
     pub fn step(&mut self, params: &mut Params, grads: &Grads, lr: f32) {
+        self.step_with(params, grads, |_| lr);
+    }
+
+    /// One update with a learning rate per parameter (parameter groups).
+    pub fn step_with(&mut self, params: &mut Params, grads: &Grads, lr_of: impl Fn(ParamId) -> f32) {
         self.t += 1;
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (&id, g) in &grads.tensors {
+            let lr = lr_of(id);
             let p = &mut params.tensors[id.0].data;
             let m = self.m.entry(id).or_insert_with(|| vec![0.0; p.len()]);
             let v = self.v.entry(id).or_insert_with(|| vec![0.0; p.len()]);

@@ -57,6 +57,9 @@ pub struct TuneConfig {
     /// Recompute each window layer's activations before its backward instead of keeping them.
     #[serde(default)]
     pub recompute: bool,
+    /// Learning rate of the exit heads' own parameters (norms, heads); `None`: `lr`.
+    #[serde(default)]
+    pub exit_lr: Option<f32>,
 }
 
 /// One phase of the schedule: a window and the steps it trains for.
@@ -337,7 +340,17 @@ impl<'g> Tuner<'g> {
         let trainable = self.params.count(&tg.updates);
         let window = (*ph.window.layers.start(), *ph.window.layers.end());
         let exit = ph.window.exit;
-        self.opt.step(&mut self.params, &grads, lr);
+        let exit_lr = self.cfg.exit_lr.map(|e| e * lr / self.cfg.lr);
+        let exit_params: Vec<ParamId> = self
+            .params
+            .exits
+            .iter()
+            .flat_map(|e| e.norm.into_iter().chain(e.head))
+            .collect();
+        self.opt.step_with(&mut self.params, &grads, |id| match exit_lr {
+            Some(e) if exit_params.contains(&id) => e,
+            _ => lr,
+        });
         self.step += 1;
         Ok(StepReport {
             step,
@@ -497,6 +510,7 @@ mod tests {
             checkpoint_every: 0,
             max_samples: None,
             recompute: false,
+            exit_lr: None,
         }
     }
 
