@@ -6,6 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 use edge_runtime::Rows;
 use edge_runtime::sampling::{Sampler, Sampling};
+use edge_runtime::train::vote::{Exits, Vote, attach_adapters, combine, probabilities};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -36,6 +37,58 @@ pub struct GenerateArgs {
     /// or `reference` (plain Rust).
     #[arg(long, value_enum, default_value = "reference")]
     kernels: edgec::codegen::KernelMode,
+    /// Tuned adapters (an `edgec tune` output directory).
+    #[arg(long)]
+    adapters: Option<std::path::PathBuf>,
+    /// How the exits' next-token distributions combine (with --adapters): last,
+    /// max-confidence, mean, weighted (weights from the adapters' voting.json).
+    #[arg(long, default_value = "last", requires = "adapters")]
+    vote: String,
+}
+
+/// The tuned graph, its exits and the vote of `--adapters` / `--vote`.
+fn tuned(
+    a: &GenerateArgs,
+    g: &edge_runtime::ir::Graph,
+) -> anyhow::Result<Option<(edge_runtime::ir::Graph, Exits, Vote)>> {
+    let Some(dir) = &a.adapters else { return Ok(None) };
+    let params = edge_runtime::train::Params::load_peft_dir(g, dir)?;
+    let layers: Vec<usize> = params.exits.iter().map(|e| e.layer).collect();
+    let graph = attach_adapters(g, &params)?;
+    let exits = Exits::new(&graph, Some(&params), &layers)?;
+    let mut vote: Vote = a.vote.parse()?;
+    if let Vote::Weighted(w) = &mut vote {
+        let path = dir.join("voting.json");
+        let j: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        )?;
+        *w = j["weights"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+            .unwrap_or_default();
+    }
+    Ok(Some((graph, exits, vote)))
+}
+
+/// The next-token scores of a step: the graph's logits, or the exits' vote (as log
+/// probabilities, which the sampler treats like logits).
+fn scores(out: &edge_runtime::StepOutput, voting: Option<&(Exits, Vote)>) -> anyhow::Result<Vec<f32>> {
+    let Some((exits, vote)) = voting else {
+        return Ok(out.logits.clone());
+    };
+    let probs: Vec<Vec<f32>> = out
+        .taps
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let d = exits.heads[i].1.numel();
+            probabilities(&exits.logits(i, &h[h.len() - d..]))
+        })
+        .collect();
+    Ok(combine(vote, &probs)?
+        .into_iter()
+        .map(|p| p.max(1e-30).ln())
+        .collect())
 }
 
 impl GenerateArgs {
@@ -57,7 +110,12 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     );
     let model = a.model.load()?;
     let tok = super::tokenizer(&model, &a.model.model)?;
-    let exec = edgec::codegen::executor(Arc::new(model.graph.clone()), a.kernels)?;
+    let (graph, voting) = match tuned(&a, &model.graph)? {
+        Some((g, exits, vote)) => (g, Some((exits, vote))),
+        None => (model.graph.clone(), None),
+    };
+    let taps = voting.as_ref().map(|v| v.0.taps()).unwrap_or_default();
+    let exec = edgec::codegen::executor(Arc::new(graph), a.kernels)?;
     let prompt = tok.encode(&a.prompt)?;
     anyhow::ensure!(!prompt.is_empty(), "the prompt encodes to no tokens");
     let mode = if a.temperature == 0.0 {
@@ -73,7 +131,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut session = exec.session(capacity);
 
     let t0 = std::time::Instant::now();
-    let mut out = exec.forward(&mut session, &prompt, Rows::Last, &[])?;
+    let mut out = exec.forward(&mut session, &prompt, Rows::Last, &taps)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut generated = vec![];
     let mut printed = String::new();
@@ -83,7 +141,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         print!("{}", a.prompt);
     }
     while generated.len() < a.max_tokens {
-        let next = sampler.sample(&out.logits);
+        let next = sampler.sample(&scores(&out, voting.as_ref())?);
         generated.push(next);
         if !a.json {
             // Print the newly completed text (decoding the whole suffix keeps multi-byte
@@ -101,7 +159,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if generated.len() == a.max_tokens {
             break;
         }
-        out = exec.forward(&mut session, &[next], Rows::Last, &[])?;
+        out = exec.forward(&mut session, &[next], Rows::Last, &taps)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let decode_steps = generated.len().saturating_sub(1).max(1);
