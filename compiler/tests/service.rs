@@ -790,17 +790,21 @@ fn text_generation_and_evaluation_match_edge_runtime() {
     };
     let prompt = "Hello, device!";
     let local = runtime(&["generate", "--prompt", prompt, "-n", "24", "--ignore-eos"]);
-    let remote = s.edgec_json(&[
-        "remote-generate",
-        "--device",
-        &dev.url,
-        "--prompt",
-        prompt,
-        "-n",
-        "24",
-        "--ignore-eos",
-        "--json",
-    ]);
+    let remote_text = |extra: &[&str]| {
+        let mut args = vec![
+            "remote-generate",
+            "--device",
+            &dev.url,
+            "--prompt",
+            prompt,
+            "-n",
+            "24",
+        ];
+        args.extend_from_slice(&["--ignore-eos", "--json"]);
+        args.extend_from_slice(extra);
+        s.edgec_json(&args)
+    };
+    let remote = remote_text(&[]);
     assert_eq!(remote["tokens"], local["tokens"]);
     assert_eq!(remote["text"], local["text"]);
 
@@ -810,19 +814,7 @@ fn text_generation_and_evaluation_match_edge_runtime() {
     let (at, _) = chars[chars.len() / 2];
     let stop: String = text[at..].chars().take(2).collect();
     let first = text.find(&stop).unwrap();
-    let stopped = s.edgec_json(&[
-        "remote-generate",
-        "--device",
-        &dev.url,
-        "--prompt",
-        prompt,
-        "-n",
-        "24",
-        "--ignore-eos",
-        "--stop",
-        &stop,
-        "--json",
-    ]);
+    let stopped = remote_text(&["--stop", &stop]);
     assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
     assert_eq!(stopped["text"], text[..first], "stop string {stop:?}");
 

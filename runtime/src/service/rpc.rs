@@ -84,6 +84,15 @@ fn upload_stream_error(s: Status) -> Status {
     }
 }
 
+/// A failed write of an upload: a full disk is the device's resource running out.
+fn write_error(e: std::io::Error) -> Status {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        Status::resource_exhausted(format!("the device's disk is full: {e}"))
+    } else {
+        Status::internal(format!("writing the upload: {e}"))
+    }
+}
+
 fn make_meta(sha: &str, size: u64, name: &str, info: &BundleInfo) -> BundleMeta {
     BundleMeta {
         sha256: sha.to_string(),
@@ -232,9 +241,7 @@ impl Runtime {
                         "chunk ends at byte {end}, past the file's {total} bytes"
                     )));
                 }
-                file.write_all(&c.data)
-                    .await
-                    .map_err(|e| Status::internal(format!("writing the upload: {e}")))?;
+                file.write_all(&c.data).await.map_err(write_error)?;
                 pos = end;
                 chunk = stream.message().await.map_err(upload_stream_error)?;
             }
@@ -242,9 +249,7 @@ impl Runtime {
         }
         .await;
         // Whatever arrived stays, durable, for a resumed upload.
-        file.flush()
-            .await
-            .map_err(|e| Status::internal(format!("writing the upload: {e}")))?;
+        file.flush().await.map_err(write_error)?;
         file.sync_all()
             .await
             .map_err(|e| Status::internal(format!("syncing the upload: {e}")))?;
