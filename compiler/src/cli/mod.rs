@@ -11,10 +11,10 @@ mod inspect;
 mod keygen;
 mod policy;
 mod profile;
-mod tune;
-mod verify;
 mod remote_generate;
 mod status;
+mod tune;
+mod verify;
 
 use std::path::{Path, PathBuf};
 
