@@ -174,6 +174,49 @@ fn killed_tuning_resumes_from_its_last_checkpoint() {
         a.iter()
             .any(|(n, (_, x))| n.contains("lora_B") && x.iter().any(|v| *v != 0.0))
     );
+
+    // The tuned model: every exit and voting mode scored, and generation from a vote.
+    let o = edgec()
+        .args(["eval", "-m"])
+        .arg(&model)
+        .arg("--adapters")
+        .arg(&whole)
+        .arg("--text")
+        .arg(repo().join("data/austen/test.txt"))
+        .args([
+            "--ctx",
+            "64",
+            "--chunks",
+            "2",
+            "--vote",
+            "last,max-confidence,mean",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let exits = v["exits"].as_array().unwrap();
+    assert_eq!(exits.len(), 3, "exits 9, 19, 29: {v}");
+    assert_eq!(v["votes"].as_array().unwrap().len(), 3);
+    // `last` is the final exit.
+    assert_eq!(v["votes"][0]["perplexity"], exits[2]["perplexity"]);
+    for s in exits.iter().chain(v["votes"].as_array().unwrap()) {
+        let p = s["perplexity"].as_f64().unwrap();
+        assert!(p.is_finite() && p > 1.0, "{s}");
+        assert_eq!(s["tokens"], 2 * 31);
+    }
+    let o = edgec()
+        .args(["generate", "-m"])
+        .arg(&model)
+        .arg("--adapters")
+        .arg(&whole)
+        .args(["--vote", "mean", "-p", "It is a truth", "-n", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(g["tokens"].as_array().unwrap().len(), 4);
 }
 
 #[test]
