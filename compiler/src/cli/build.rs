@@ -16,8 +16,9 @@ use edgec::target::{self, Target, format_size};
 targets/) or a path to a .toml file; `host` describes this machine. With one --target, -o is the bundle \
 file; with several, -o is a directory that receives <target>.edgeb for each.\n\nSTEPS\n  Load the model, \
 compress it by --policy (as `edgec compress`), check that the weights fit each target's memory budget, \
-and write each bundle (graph, tokenizer, policy, weights, target, signature) to a temporary file that is \
-renamed into place once complete."
+generate the kernels of the compressed weights (each compiled for the target's ISA with Cranelift), \
+and write each bundle (graph, tokenizer, policy, kernel table, weights, target, signature) to a temporary \
+file that is renamed into place once complete."
 )]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -217,9 +218,10 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         }));
         if !a.json {
             println!(
-                "{}  {} bytes  sha256 {}  target {} ({}){}",
+                "{}  {} bytes  {} kernels  sha256 {}  target {} ({}){}",
                 written.path.display(),
                 written.size,
+                contents.kernels.len(),
                 bundle::hex(&written.sha256),
                 t.name,
                 t.arch,
