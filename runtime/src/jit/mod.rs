@@ -24,7 +24,7 @@ use cranelift_module::{FuncId, Linkage, Module, default_libcall_names};
 use rayon::prelude::*;
 
 use crate::error::{Result, RuntimeError};
-use crate::format::{QuantSpec, WeightFormat};
+use crate::format::{QuantScheme, QuantSpec, WeightFormat};
 use crate::ir::WeightData;
 use crate::packed::PackedWeight;
 use spec::{KernelKind, KernelSpec};
@@ -41,7 +41,8 @@ pub struct KernelSource {
 }
 
 /// `x` prepared for the matvec kernel of a quantized format: quantized to int8 with one
-/// scale per weight group (`xd[g] * xq ≈ x`), group sums of the exact `x`, and the int8
+/// scale per weight group (`xd[g] * xq ≈ x`), group sums `xs` (of the exact `x` for
+/// asymmetric formats; of the int8 `x` times `xd` for symmetric ones), and the int8
 /// values permuted inside each unit of `min(16, group * bits / 8)` code bytes the way the
 /// kernel unpacks codes: position `k * unit + i` holds column `i * 8 / bits + k`.
 #[derive(Debug, Clone)]
@@ -75,8 +76,15 @@ impl QuantizedX {
             for (o, v) in vals.iter_mut().zip(xg) {
                 *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
             }
-            xd.push(amax / 127.0);
-            xs.push(xg.iter().sum());
+            let d = amax / 127.0;
+            xd.push(d);
+            xs.push(match q.scheme {
+                QuantScheme::Asym => xg.iter().sum(),
+                // The kernel's `min * xs` with `min = -scale * 2^(bits-1)` then subtracts the
+                // offset from the codes against the same int8 x, so the rounding of x is
+                // weighted by the weight itself, not by its offset code.
+                QuantScheme::Sym => d * vals.iter().map(|&v| v as i32).sum::<i32>() as f32,
+            });
             let dst = &mut xq[gi * g..(gi + 1) * g];
             for (du, vu) in dst.chunks_mut(per_unit).zip(vals.chunks(per_unit)) {
                 for i in 0..unit {
