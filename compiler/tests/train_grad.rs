@@ -230,3 +230,84 @@ fn recomputed_window_gives_the_same_gradients_as_saved_activations() {
         assert!(d <= 1e-6, "{}: {d:e}", p.get(*id).name);
     }
 }
+
+/// A device tuning job cancelled mid-way resumes from its checkpoint and finishes with
+/// the same adapters as a job that ran through.
+#[test]
+fn a_cancelled_tuning_job_resumes_and_ends_like_an_uncancelled_one() {
+    use edge_runtime::train::job::{JobEnd, JobSpec, run_job};
+    use edge_runtime::train::tune::{TuneConfig, TuneMode};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let model = edgec::frontend::load(&tiny_llama(), &Default::default()).unwrap();
+    let g = &model.graph;
+    let tokens: Vec<u32> = (0..400u32).map(|i| (i * 37 + i / 7) % 256).collect();
+    let spec = JobSpec {
+        tune: TuneConfig {
+            mode: TuneMode::Edge { stride: 2 },
+            exits: None,
+            steps: 6,
+            seq: 16,
+            batch: 1,
+            grad_accum: 1,
+            lr: 1e-2,
+            weight_decay: 0.0,
+            warmup: 0,
+            min_lr_ratio: 0.1,
+            clip: 1.0,
+            seed: 3,
+            cache_prefix: true,
+            checkpoint_every: 1,
+            max_samples: None,
+            recompute: false,
+            exit_lr: Some(0.05),
+        },
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["q_proj".into(), "down_proj".into()],
+        train_exit_norms: true,
+        dataset: "test".into(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let never = AtomicBool::new(false);
+    let whole = run_job(g, &spec, tokens.clone(), &tmp.path().join("a"), &never, |_| {}).unwrap();
+    let JobEnd::Finished { adapters: a_dir } = whole else {
+        panic!("{whole:?}")
+    };
+
+    let cancel = AtomicBool::new(false);
+    let b = tmp.path().join("b");
+    let end = run_job(g, &spec, tokens.clone(), &b, &cancel, |p| {
+        if p.step == 3 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(end, JobEnd::Cancelled { at_step: 3 });
+    assert!(!b.join("adapters").exists());
+    let mut other = spec.clone();
+    other.rank = 3;
+    let e = run_job(g, &other, tokens.clone(), &b, &never, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("other settings"), "{e}");
+    let mut first_step = None;
+    let end = run_job(g, &spec, tokens, &b, &never, |p| {
+        first_step.get_or_insert(p.step);
+    })
+    .unwrap();
+    assert_eq!(first_step, Some(4), "resumed after the 3 steps done");
+    let JobEnd::Finished { adapters: b_dir } = end else {
+        panic!()
+    };
+    for f in ["adapter_model.safetensors", "exit_heads.safetensors"] {
+        let (x, y) = (read_reference(&a_dir.join(f)), read_reference(&b_dir.join(f)));
+        assert_eq!(x.len(), y.len());
+        for (n, (_, v)) in &x {
+            let d = v
+                .iter()
+                .zip(&y[n].1)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-6, "{f} {n}: {d}");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod grad;
 pub mod graph;
+pub mod job;
 pub mod lora;
 pub mod optim;
 pub mod run;
