@@ -161,9 +161,11 @@ pub enum KernelMode {
 /// The kernel sources for every compressed linear weight of `graph`, and the weights left
 /// to the reference kernels with the reason.
 pub fn kernel_sources(graph: &Graph) -> (Vec<KernelSource>, Vec<(String, String)>) {
-    let mut sources = vec![];
+    let mut sources: Vec<KernelSource> = vec![];
     let mut skipped = vec![];
     let mut seen = std::collections::HashSet::new();
+    // CLIF text by kernel name: weights of one shape and format share their kernels.
+    let mut texts: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for node in &graph.nodes {
         let Op::Linear { weight } = node.op else { continue };
         let w = graph.weight(weight);
@@ -171,7 +173,7 @@ pub fn kernel_sources(graph: &Graph) -> (Vec<KernelSource>, Vec<(String, String)
         if !seen.insert(w.name.clone()) {
             continue;
         }
-        match weight_sources(&w.name, p) {
+        match sources_for(&w.name, p, &mut texts) {
             Ok(s) => sources.extend(s),
             Err(why) => skipped.push((w.name.clone(), why)),
         }
@@ -181,6 +183,15 @@ pub fn kernel_sources(graph: &Graph) -> (Vec<KernelSource>, Vec<(String, String)
 
 /// The kernel sources (every kind) of one packed weight, or why its format has none.
 pub fn weight_sources(name: &str, p: &PackedWeight) -> Result<Vec<KernelSource>, String> {
+    sources_for(name, p, &mut std::collections::HashMap::new())
+}
+
+/// [`weight_sources`] with CLIF texts reused from `texts` (by kernel name).
+fn sources_for(
+    name: &str,
+    p: &PackedWeight,
+    texts: &mut std::collections::HashMap<String, String>,
+) -> Result<Vec<KernelSource>, String> {
     if let Some(why) = unsupported_reason(p.format()) {
         return Err(why);
     }
@@ -188,10 +199,14 @@ pub fn weight_sources(name: &str, p: &PackedWeight) -> Result<Vec<KernelSource>,
         .iter()
         .map(|&kind| {
             let spec = KernelSpec::new(kind, p.rows(), p.cols(), p.format()).map_err(|e| e.to_string())?;
+            let clif = texts
+                .entry(spec.name())
+                .or_insert_with(|| generate_clif(&spec))
+                .clone();
             Ok(KernelSource {
                 weight: name.into(),
-                clif: generate_clif(&spec),
                 spec,
+                clif,
             })
         })
         .collect()
