@@ -47,6 +47,9 @@ impl GradArgs {
     }
 }
 
+/// An adapter tensor of the input file: name, (layer, module, A or B), shape.
+type AdapterTensor = (String, (usize, Module, char), Vec<usize>);
+
 pub fn run(a: GradArgs) -> anyhow::Result<()> {
     let model = a.model.load()?;
     let g = &model.graph;
@@ -55,7 +58,7 @@ pub fn run(a: GradArgs) -> anyhow::Result<()> {
     let seqs = edgec::eval::parse_token_file(&text, g.config.vocab_size)
         .map_err(|e| anyhow::anyhow!("{}: {e}", a.tokens.display()))?;
     let file = read_f32_safetensors(&a.adapters)?;
-    let named: Vec<(String, (usize, Module, char), Vec<usize>)> = file
+    let named: Vec<AdapterTensor> = file
         .iter()
         .filter_map(|(n, (shape, _))| parse_adapter_name(n).map(|p| (n.clone(), p, shape.clone())))
         .filter(|(n, _, _)| !n.ends_with(".grad"))

@@ -497,8 +497,11 @@ pub fn parse_adapter_name(name: &str) -> Option<(usize, Module, char)> {
     Some((layer, module, which))
 }
 
+/// f32 tensors by name: `(shape, values)`.
+pub type F32Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Reads every f32 tensor of a safetensors file (small files: adapters, gradients).
-pub fn read_f32_safetensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_f32_safetensors(path: &Path) -> Result<F32Tensors> {
     let bytes = std::fs::read(path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| RuntimeError::Invalid(format!("{}: not a safetensors file: {e}", path.display())))?;
@@ -515,30 +518,6 @@ pub fn read_f32_safetensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>,
         out.insert(name.to_string(), (v.shape().to_vec(), data));
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adapter_names_in_both_layouts_parse() {
-        assert_eq!(
-            parse_adapter_name("base_model.model.model.layers.3.mlp.up_proj.lora_A.weight"),
-            Some((3, Module::Up, 'A'))
-        );
-        assert_eq!(
-            parse_adapter_name("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"),
-            Some((0, Module::Q, 'B'))
-        );
-        assert_eq!(
-            parse_adapter_name("layers.12.down_proj.lora_B"),
-            Some((12, Module::Down, 'B'))
-        );
-        assert_eq!(parse_adapter_name("layers.1.down_proj.weight"), None);
-        assert!(parse_targets("q,k,nope").is_err());
-        assert_eq!(parse_targets("all").unwrap().len(), 7);
-    }
 }
 
 impl Params {
@@ -589,5 +568,29 @@ impl Params {
             p.load_safetensors(&exit_file)?;
         }
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_names_in_both_layouts_parse() {
+        assert_eq!(
+            parse_adapter_name("base_model.model.model.layers.3.mlp.up_proj.lora_A.weight"),
+            Some((3, Module::Up, 'A'))
+        );
+        assert_eq!(
+            parse_adapter_name("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"),
+            Some((0, Module::Q, 'B'))
+        );
+        assert_eq!(
+            parse_adapter_name("layers.12.down_proj.lora_B"),
+            Some((12, Module::Down, 'B'))
+        );
+        assert_eq!(parse_adapter_name("layers.1.down_proj.weight"), None);
+        assert!(parse_targets("q,k,nope").is_err());
+        assert_eq!(parse_targets("all").unwrap().len(), 7);
     }
 }

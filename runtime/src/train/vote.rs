@@ -367,6 +367,7 @@ pub struct ExitEval {
 /// Evaluates `exits` and `votes` on `tokens` with llama.cpp's perplexity protocol
 /// (non-overlapping chunks of `ctx`, BOS first when `bos`, the second half of each chunk
 /// scored). `progress(done, total)` after each chunk.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_exits(
     exec: &crate::exec::Executor,
     exits: &Exits,
