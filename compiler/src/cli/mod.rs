@@ -50,7 +50,7 @@ enum Command {
     Policy(policy::PolicyArgs),
     /// Compress a model by a policy (quantize and prune each layer) and write the compressed model.
     Compress(compress::CompressArgs),
-    /// Tune LoRA adapters on local text (Edge-LLM adaptive layer schedule, or full / last-k).
+    /// Tune LoRA adapters on local text (Edge-LLM's adaptive layer schedule, or full / last-k).
     Tune(tune::TuneArgs),
     /// LoRA gradients of the training graph for given adapters (to check against another framework).
     Grad(grad::GradArgs),

@@ -91,10 +91,10 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
             .into_inner();
         let mut tokens = vec![];
         let mut text = String::new();
-        if !a.json {
-            if let Some(p) = &a.prompt {
-                print!("{p}");
-            }
+        if !a.json
+            && let Some(p) = &a.prompt
+        {
+            print!("{p}");
         }
         while let Some(msg) = stream
             .message()
