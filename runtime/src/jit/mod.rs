@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use crate::error::{Result, RuntimeError};
 use crate::format::{QuantScheme, QuantSpec, WeightFormat};
 use crate::ir::WeightData;
+use crate::kernels::matmul::{View, ViewMut, matmul};
 use crate::packed::PackedWeight;
 use spec::{KernelKind, KernelSpec};
 
@@ -447,42 +448,18 @@ impl WeightKernels {
         padded
     }
 
+    /// `out = x W^T`: tiles of weight rows decoded once, each multiplied by GEMM (which
+    /// runs on the thread pool).
     fn matmul(&self, f: DecodeFn, ptrs: Ptrs, x: &[f32], rows: usize, out: &mut [f32]) {
         let (n, k) = (self.spec_rows, self.spec_cols);
-        let tn = (n / (4 * rayon::current_num_threads())).clamp(16, TILE_N);
-        let dst = out.as_mut_ptr() as usize;
-        (0..n.div_ceil(tn))
-            .into_par_iter()
-            .for_each_init(Vec::new, |scratch, t| {
-                let (j0, j1) = (t * tn, ((t + 1) * tn).min(n));
-                let padded = self.decode_rows(f, ptrs, j0, j1, scratch);
-                // SAFETY: out is rows x n (row stride n); this tile writes columns j0..j1 of
-                // every row, which no other tile touches. lhs = x [rows, k] row-major;
-                // rhs(kk, j) = scratch[j * padded + kk] for kk < k <= padded, j < j1 - j0.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        j1 - j0,
-                        k,
-                        (dst as *mut f32).add(j0),
-                        1,
-                        n as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        scratch.as_ptr(),
-                        padded as isize,
-                        1,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
+        let mut scratch = Vec::new();
+        for j0 in (0..n).step_by(TILE_N) {
+            let j1 = (j0 + TILE_N).min(n);
+            let padded = self.decode_rows(f, ptrs, j0, j1, &mut scratch);
+            let wt = View::columns(&scratch, j1 - j0, padded, 0, k).t();
+            let dst = ViewMut::columns(out, rows, n, j0, j1 - j0);
+            matmul(dst, View::new(x, rows, k), wt, 1.0, false);
+        }
     }
 
     /// `dx[rows, k] = dy[rows, n] W`, as [`crate::kernels::linear_transposed`] computes it.
@@ -501,41 +478,13 @@ impl WeightKernels {
             return Ok(());
         };
         dx.fill(0.0);
-        let par = if rows * k * TILE_N >= 1 << 16 {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
         let mut scratch = Vec::new();
         for j0 in (0..n).step_by(TILE_N) {
             let j1 = (j0 + TILE_N).min(n);
             let padded = self.decode_rows(f, ptrs, j0, j1, &mut scratch);
-            // SAFETY: dx is rows x k, written only here; lhs(i, j) = dy[i * n + j0 + j] for
-            // j < j1 - j0 (in bounds); rhs(j, c) = scratch[j * padded + c] for c < k.
-            // Accumulates (alpha = 1) into the zeroed dx.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    k,
-                    j1 - j0,
-                    dx.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    true,
-                    dy.as_ptr().add(j0),
-                    1,
-                    n as isize,
-                    scratch.as_ptr(),
-                    1,
-                    padded as isize,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            }
+            let dyt = View::columns(dy, rows, n, j0, j1 - j0);
+            let wt = View::columns(&scratch, j1 - j0, padded, 0, k);
+            matmul(ViewMut::new(dx, rows, k), dyt, wt, 1.0, true);
         }
         Ok(())
     }
