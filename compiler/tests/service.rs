@@ -967,3 +967,125 @@ fn tls_device_needs_the_right_ca() {
         assert!(!out.status.success(), "{args:?} should fail");
     }
 }
+
+/// Tunes on the device: a dataset uploaded, `Tune` streamed to the end, the adapters
+/// exported in PEFT's layout; a cancelled job resumes from its checkpoint.
+#[test]
+fn tune_on_the_device_and_export_adapters() {
+    use edgec::client::deploy::{Upload, file_sha256, upload};
+    use pb::UploadKind;
+
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let dev = s.device("dev", &[], &[]);
+    assert_eq!(s.deploy(&b1, &dev, &[])["devices"][0]["activated"], true);
+    let data = s.path("data.txt");
+    let text = std::fs::read_to_string(common::repo().join("data/austen/valid.txt")).unwrap();
+    std::fs::write(&data, &text[..6000]).unwrap();
+    let (sha, size) = file_sha256(&data).unwrap();
+    rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let u = Upload {
+            device: &dev.url,
+            kind: UploadKind::Dataset,
+            path: &data,
+            sha256: &sha,
+            size,
+            chunk_bytes: 1 << 16,
+            max_attempts: 2,
+        };
+        upload(&mut c, &u, Arc::new(|_| {})).await.unwrap();
+        let req = pb::TuneRequest {
+            dataset_sha256: sha.clone(),
+            steps: 120,
+            learning_rate: 1e-2,
+            lora_rank: 2,
+            seq_len: 32,
+            checkpoint_every: 2,
+            stride: 2,
+            ..Default::default()
+        };
+        // Cancel at the first report (the job runs at most a channel's worth of steps ahead
+        // of its reader): it stops with a checkpoint.
+        let mut stream = c.tune(req.clone()).await.unwrap().into_inner();
+        let mut job = String::new();
+        let err = loop {
+            match stream.message().await {
+                Ok(Some(p)) => {
+                    job = p.job_id.clone();
+                    assert!(p.window_end >= p.window_start && p.total_steps == 120);
+                    if p.step == 1 {
+                        assert!(
+                            c.cancel_tune(pb::CancelTuneRequest { job_id: job.clone() })
+                                .await
+                                .unwrap()
+                                .into_inner()
+                                .cancelled
+                        );
+                    }
+                }
+                Ok(None) => panic!("the cancelled job ended without an error"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::Cancelled, "{err}");
+        // Without resume the device refuses to start over; with it, the job continues.
+        let again = c.tune(req.clone()).await.map(|_| ()).unwrap_err();
+        assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again}");
+        let mut stream = c
+            .tune(pb::TuneRequest {
+                resume: true,
+                ..req.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut steps = vec![];
+        let mut done = false;
+        while let Some(p) = stream.message().await.unwrap() {
+            assert_eq!(p.job_id, job);
+            steps.push(p.step);
+            done |= p.done;
+        }
+        assert!(
+            done && steps.first().copied().unwrap_or(0) > 1,
+            "resumed steps {steps:?}"
+        );
+        // The adapters, in PEFT's layout.
+        let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        let mut ex = c
+            .export_adapters(pb::ExportAdaptersRequest {
+                job_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(ch) = ex.message().await.unwrap() {
+            let f = files.entry(ch.path.clone()).or_default();
+            assert_eq!(f.len() as u64, ch.offset);
+            f.extend_from_slice(&ch.data);
+        }
+        let cfg: serde_json::Value = serde_json::from_slice(&files["adapter_config.json"]).unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        assert_eq!(cfg["r"], 2);
+        let st = safetensors::SafeTensors::deserialize(&files["adapter_model.safetensors"]).unwrap();
+        let names = st.names();
+        assert!(
+            names
+                .iter()
+                .any(|n| *n == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), 4 * 7 * 2);
+        // A dataset the device does not hold.
+        let e = c
+            .tune(pb::TuneRequest {
+                dataset_sha256: "ab".repeat(32),
+                ..req
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    });
+}

@@ -14,7 +14,7 @@ use super::engine::Engine;
 use super::generate::{GenParams, Generation, parse_grpc_timeout};
 use super::model::{BundleInfo, Model, trust_policy, verify_bundle};
 use super::store::{BundleMeta, Kind, Store, check_sha};
-use super::{Limits, ServeConfig, ServiceError, voting};
+use super::{Limits, ServeConfig, ServiceError, tuning, voting};
 use crate::bundle::TrustPolicy;
 use crate::sampling::Sampling;
 
@@ -31,6 +31,7 @@ pub struct Runtime {
     activation: tokio::sync::Mutex<()>,
     started: Instant,
     memory_budget: u64,
+    jobs: Arc<tuning::Jobs>,
 }
 
 type ReplyStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -150,6 +151,7 @@ impl Runtime {
             activation: tokio::sync::Mutex::new(()),
             started: Instant::now(),
             memory_budget: cfg.memory_budget,
+            jobs: Arc::new(tuning::Jobs::default()),
         })
     }
 
@@ -435,30 +437,69 @@ impl EdgeRuntime for Runtime {
 
     type TuneStream = ReplyStream<pb::TuneProgress>;
 
-    async fn tune(&self, _request: Request<pb::TuneRequest>) -> Result<Response<Self::TuneStream>, Status> {
-        Err(Status::unimplemented(
-            "Tune is not available in this build of edge-runtime yet: on-device tuning is being added (issue 6)",
-        ))
+    async fn tune(&self, request: Request<pb::TuneRequest>) -> Result<Response<Self::TuneStream>, Status> {
+        let req = request.into_inner();
+        let model = self.active_model()?;
+        check_sha(&req.dataset_sha256).map_err(|e| e.status())?;
+        if !self.store.is_installed(Kind::Dataset, &req.dataset_sha256) {
+            return Err(Status::not_found(format!(
+                "dataset {} is not on this device",
+                req.dataset_sha256
+            )));
+        }
+        let spec = tuning::job_spec(&req, &model)?;
+        let id = tuning::job_id(&model.sha256, &spec);
+        let dir = self.store.root().join("jobs").join(&id);
+        if dir.join("checkpoints/latest").exists() && !req.resume && !dir.join("adapters").exists() {
+            return Err(Status::already_exists(format!(
+                "job {id} has a checkpoint on this device: set resume to continue it"
+            )));
+        }
+        let path = self.store.path(Kind::Dataset, &req.dataset_sha256);
+        let text = blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|source| ServiceError::Io {
+                what: format!("reading dataset {}", path.display()),
+                source,
+            })?;
+            String::from_utf8(bytes).map_err(|e| {
+                ServiceError::BadRequest(format!(
+                    "the dataset is not UTF-8 text (byte {})",
+                    e.utf8_error().valid_up_to()
+                ))
+            })
+        })
+        .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        self.jobs.start(model, spec, text, dir, id, tx)?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn cancel_tune(
         &self,
-        _request: Request<pb::CancelTuneRequest>,
+        request: Request<pb::CancelTuneRequest>,
     ) -> Result<Response<pb::CancelTuneReply>, Status> {
-        Err(Status::unimplemented(
-            "CancelTune is not available in this build of edge-runtime yet: on-device tuning is being added (issue 6)",
-        ))
+        let cancelled = self.jobs.cancel(&request.into_inner().job_id);
+        Ok(Response::new(pb::CancelTuneReply { cancelled }))
     }
 
     type ExportAdaptersStream = ReplyStream<pb::FileChunk>;
 
     async fn export_adapters(
         &self,
-        _request: Request<pb::ExportAdaptersRequest>,
+        request: Request<pb::ExportAdaptersRequest>,
     ) -> Result<Response<Self::ExportAdaptersStream>, Status> {
-        Err(Status::unimplemented(
-            "ExportAdapters is not available in this build of edge-runtime yet: on-device tuning is being added (issue 6)",
-        ))
+        let id = request.into_inner().job_id;
+        let root = self.store.root().join("jobs");
+        let chunks = tokio::task::spawn_blocking(move || {
+            tuning::adapters_dir(&root, &id).and_then(|d| tuning::export_chunks(&d))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("blocking task failed: {e}")))??;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
     }
 
     type GenerateStream = ReplyStream<pb::GenerateReply>;
