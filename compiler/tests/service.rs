@@ -1071,9 +1071,7 @@ fn tune_on_the_device_and_export_adapters() {
         let st = safetensors::SafeTensors::deserialize(&files["adapter_model.safetensors"]).unwrap();
         let names = st.names();
         assert!(
-            names
-                .iter()
-                .any(|n| *n == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+            names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
             "{names:?}"
         );
         assert_eq!(names.len(), 4 * 7 * 2);
