@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: build Edge-LLM, fetch SmolLM2-135M-Instruct, and run
-# the pipeline stages that exist so far (inspect, evaluate, generate, bench, then LUC:
-# profile, policy, compress, evaluate the compressed model), printing progress as it goes.
+# the pipeline end to end, printing progress as it goes: inspect, evaluate, generate, bench;
+# LUC (profile, policy, compress, evaluate); tuning with exits and voting; a signed bundle
+# for this machine, served on loopback by edge-runtime, deployed and run over gRPC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,3 +55,28 @@ $EDGEC tune --model "$WORK/smollm2-luc" --data data/austen/train.txt --valid dat
 
 step "perplexity and next-token accuracy per exit and per voting mode (first 4 chunks of test.txt, ctx 256)"
 $EDGEC eval --model "$WORK/smollm2-luc" --adapters "$WORK/adapters" --text data/austen/test.txt --ctx 256 --chunks 4
+
+step "generate from the tuned model, the exits voting (mean)"
+$EDGEC generate --model "$WORK/smollm2-luc" --adapters "$WORK/adapters" --vote mean \
+  --prompt "The history of the English novel" -n 24
+
+step "build a signed bundle of the compressed model for this machine (targets/host.toml)"
+$EDGEC keygen -o "$WORK/key" --force
+$EDGEC build --model "$MODEL" --policy "$WORK/policy.toml" --calib data/austen/train.txt \
+  --target host --sign-key "$WORK/key" -o "$WORK/smollm2.edgeb"
+$EDGEC verify --bundle "$WORK/smollm2.edgeb" --trusted-key "$WORK/key.pub"
+
+step "serve it on loopback (edge-runtime serve), deploy, generate on the device"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/token"
+rm -rf "$WORK/device"
+target/release/edge-runtime serve --listen 127.0.0.1:0 --data-dir "$WORK/device" \
+  --trusted-key "$WORK/key.pub" --token-file "$WORK/token" > "$WORK/serve.log" 2>&1 &
+SERVE_PID=$!
+trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
+for _ in $(seq 150); do grep -q "^listening on" "$WORK/serve.log" && break; sleep 0.2; done
+DEVICE="http://$(sed -n 's/^listening on //p' "$WORK/serve.log" | head -1)"
+echo "device at $DEVICE"
+$EDGEC deploy --bundle "$WORK/smollm2.edgeb" --device "$DEVICE" --token-file "$WORK/token"
+$EDGEC status --device "$DEVICE" --token-file "$WORK/token"
+$EDGEC remote-generate --device "$DEVICE" --token-file "$WORK/token" \
+  --prompt "The history of the English novel" -n 24
