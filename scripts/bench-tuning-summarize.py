@@ -36,7 +36,7 @@ for f in sorted(glob.glob(f"{out}/peft-full-r*.json")):
         (d["seconds_per_step"], d["peak_rss_bytes"], d["peak_rss_bytes"] - d["rss_after_load_bytes"], None))
 per_exit = {}
 for kind in ["full", "edge", "edge-epochs", "edge-recompute"]:
-    for f in sorted(glob.glob(f"{out}/edgec-{kind}-r*.jsonl")):
+    for f in sorted(g for g in glob.glob(f"{out}/edgec-{kind}-r*.jsonl") if re.fullmatch(rf"edgec-{kind}-r\d+\.jsonl", os.path.basename(g))):
         steps, s = edgec_run(f, skip=3 if kind == "full" else 0)
         sec = statistics.median(x["seconds"] for x in steps)
         rows.setdefault(f"edgec {kind}", []).append(
