@@ -70,6 +70,27 @@ pub fn swiglu_back(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>)
     (dg, du)
 }
 
+/// `a + b`, elementwise, in parallel chunks.
+pub fn add_par(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut o = vec![0.0; a.len()];
+    o.par_chunks_mut(8192).enumerate().for_each(|(c, o)| {
+        let s = c * 8192;
+        for (i, x) in o.iter_mut().enumerate() {
+            *x = a[s + i] + b[s + i];
+        }
+    });
+    o
+}
+
+/// `silu(gate) * up`, elementwise, in parallel chunks (as [`crate::ops::activation::swiglu`]).
+pub fn swiglu_par(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut o = vec![0.0; gate.len()];
+    o.par_chunks_mut(8192)
+        .zip(gate.par_chunks(8192).zip(up.par_chunks(8192)))
+        .for_each(|(o, (g, u))| crate::ops::activation::swiglu(g, u, o));
+    o
+}
+
 /// Linear backward with respect to the input: `dx = dy W` (the product with the
 /// transposed weight, in the weight's own storage format).
 pub fn linear_back(w: &WeightData, dy: &[f32], rows: usize) -> Vec<f32> {
@@ -187,66 +208,69 @@ pub fn attention_back(
     let rows = q.len() / qw;
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    // One task per KV head: its query heads' dq columns and its own dk/dv columns.
-    let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..kv_heads)
+    // One task per query head (more tasks than KV heads keeps both cores busy); each
+    // returns its dq columns and its contribution to its KV head's dk, dv.
+    let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
-        .map(|g| {
-            let mut dq = vec![0.0; rows * group * hd];
+        .map(|h| {
+            let g = h / group;
+            let mut dq = vec![0.0; rows * hd];
             let mut dk = vec![0.0; rows * hd];
             let mut dv = vec![0.0; rows * hd];
             let mut p = vec![0.0; rows * rows];
             let mut dp = vec![0.0; rows * rows];
             let kg = View::columns(k, rows, kvw, g * hd, hd);
             let vg = View::columns(v, rows, kvw, g * hd, hd);
-            for j in 0..group {
-                let h = g * group + j;
-                let qh = View::columns(q, rows, qw, h * hd, hd);
-                let doh = View::columns(dout, rows, qw, h * hd, hd);
-                matmul(ViewMut::new(&mut p, rows, rows), qh, kg.t(), scale, false);
-                for (r, row) in p.chunks_exact_mut(rows).enumerate() {
-                    softmax(&mut row[..=r]);
-                    row[r + 1..].fill(0.0);
-                }
-                // dV += P^T dO
-                matmul(
-                    ViewMut::new(&mut dv, rows, hd),
-                    View::new(&p, rows, rows).t(),
-                    doh,
-                    1.0,
-                    true,
-                );
-                // dP = dO V^T ; dS = P ∘ (dP - rowsum(dP ∘ P))
-                matmul(ViewMut::new(&mut dp, rows, rows), doh, vg.t(), 1.0, false);
-                for (r, (pr, dr)) in p.chunks_exact(rows).zip(dp.chunks_exact_mut(rows)).enumerate() {
-                    let s: f32 = pr[..=r].iter().zip(&dr[..=r]).map(|(a, b)| a * b).sum();
-                    for c in 0..=r {
-                        dr[c] = pr[c] * (dr[c] - s);
-                    }
-                    dr[r + 1..].fill(0.0);
-                }
-                // dQ_h = scale dS K ; dK += scale dS^T Q_h
-                let dsv = View::new(&dp, rows, rows);
-                matmul(
-                    ViewMut::columns(&mut dq, rows, group * hd, j * hd, hd),
-                    dsv,
-                    kg,
-                    scale,
-                    false,
-                );
-                matmul(ViewMut::new(&mut dk, rows, hd), dsv.t(), qh, scale, true);
+            let qh = View::columns(q, rows, qw, h * hd, hd);
+            let doh = View::columns(dout, rows, qw, h * hd, hd);
+            matmul(ViewMut::new(&mut p, rows, rows), qh, kg.t(), scale, false);
+            for (r, row) in p.chunks_exact_mut(rows).enumerate() {
+                softmax(&mut row[..=r]);
+                row[r + 1..].fill(0.0);
             }
+            // dV = P^T dO
+            matmul(
+                ViewMut::new(&mut dv, rows, hd),
+                View::new(&p, rows, rows).t(),
+                doh,
+                1.0,
+                false,
+            );
+            // dP = dO V^T ; dS = P ∘ (dP - rowsum(dP ∘ P))
+            matmul(ViewMut::new(&mut dp, rows, rows), doh, vg.t(), 1.0, false);
+            for (r, (pr, dr)) in p.chunks_exact(rows).zip(dp.chunks_exact_mut(rows)).enumerate() {
+                let s: f32 = pr[..=r].iter().zip(&dr[..=r]).map(|(a, b)| a * b).sum();
+                for c in 0..=r {
+                    dr[c] = pr[c] * (dr[c] - s);
+                }
+                dr[r + 1..].fill(0.0);
+            }
+            // dQ = scale dS K ; dK = scale dS^T Q
+            let dsv = View::new(&dp, rows, rows);
+            matmul(ViewMut::new(&mut dq, rows, hd), dsv, kg, scale, false);
+            matmul(ViewMut::new(&mut dk, rows, hd), dsv.t(), qh, scale, false);
             (dq, dk, dv)
         })
         .collect();
     let mut dq = vec![0.0; rows * qw];
     let mut dk = vec![0.0; rows * kvw];
     let mut dv = vec![0.0; rows * kvw];
-    for (g, (dqg, dkg, dvg)) in per_kv.iter().enumerate() {
-        let gw = group * hd;
+    for (h, (dqh, dkh, dvh)) in per_head.iter().enumerate() {
+        let g = h / group;
         for r in 0..rows {
-            dq[r * qw + g * gw..r * qw + (g + 1) * gw].copy_from_slice(&dqg[r * gw..(r + 1) * gw]);
-            dk[r * kvw + g * hd..r * kvw + (g + 1) * hd].copy_from_slice(&dkg[r * hd..(r + 1) * hd]);
-            dv[r * kvw + g * hd..r * kvw + (g + 1) * hd].copy_from_slice(&dvg[r * hd..(r + 1) * hd]);
+            dq[r * qw + h * hd..r * qw + (h + 1) * hd].copy_from_slice(&dqh[r * hd..(r + 1) * hd]);
+            let (kd, vd) = (
+                &mut dk[r * kvw + g * hd..r * kvw + (g + 1) * hd],
+                &mut dv[r * kvw + g * hd..r * kvw + (g + 1) * hd],
+            );
+            for ((a, b), (c, d)) in kd
+                .iter_mut()
+                .zip(&dkh[r * hd..(r + 1) * hd])
+                .zip(vd.iter_mut().zip(&dvh[r * hd..(r + 1) * hd]))
+            {
+                *a += b;
+                *c += d;
+            }
         }
     }
     (dq, dk, dv)
@@ -293,9 +317,16 @@ pub fn head_loss(
             ),
             None => linear(xs, n, head, lg),
         }
-        for (row, t) in lg.chunks_exact_mut(vocab).zip(&targets[r0..r1]) {
-            match t {
-                None => row.fill(0.0),
+        // Rows in parallel: each turns its logits into `weight * (softmax - onehot)` and
+        // returns its loss term.
+        let terms: Vec<Option<f64>> = lg
+            .par_chunks_exact_mut(vocab)
+            .zip(&targets[r0..r1])
+            .map(|(row, t)| match t {
+                None => {
+                    row.fill(0.0);
+                    None
+                }
                 Some(t) => {
                     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let zt = row[*t as usize];
@@ -304,17 +335,19 @@ pub fn head_loss(
                         *z = (*z - m).exp();
                         sum += *z as f64;
                     }
-                    let term = m as f64 + sum.ln() - zt as f64;
-                    raw += term;
-                    loss += term * weight as f64;
-                    count += 1;
                     let s = (weight as f64 / sum) as f32;
                     for z in row.iter_mut() {
                         *z *= s;
                     }
                     row[*t as usize] -= weight;
+                    Some(m as f64 + sum.ln() - zt as f64)
                 }
-            }
+            })
+            .collect();
+        for term in terms.into_iter().flatten() {
+            raw += term;
+            loss += term * weight as f64;
+            count += 1;
         }
         match dense {
             Some(w) => matmul(

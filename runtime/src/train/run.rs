@@ -10,7 +10,6 @@ use super::lora::{ParamId, Params};
 use crate::error::{Result, RuntimeError};
 use crate::ir::{Graph, WeightData};
 use crate::kernels::linear::linear;
-use crate::ops::activation::{add, swiglu};
 use crate::ops::attention::{AttnShape, KvSlot, attention};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::RopeTable;
@@ -276,16 +275,8 @@ impl<'a> TrainRunner<'a> {
                     attention(shape, get(0)?, get(1)?, get(2)?, &mut kv, 0, &mut o);
                     vec![o]
                 }
-                TOp::SwiGlu => {
-                    let mut o = vec![0.0; rows * width(node.outputs[0])];
-                    swiglu(get(0)?, get(1)?, &mut o);
-                    vec![o]
-                }
-                TOp::Add | TOp::GradSum => {
-                    let mut o = vec![0.0; rows * width(node.outputs[0])];
-                    add(get(0)?, get(1)?, &mut o);
-                    vec![o]
-                }
+                TOp::SwiGlu => vec![grad::swiglu_par(get(0)?, get(1)?)],
+                TOp::Add | TOp::GradSum => vec![grad::add_par(get(0)?, get(1)?)],
                 TOp::ExitLoss { head } => {
                     let owned;
                     let (hw, dw) = match head {
