@@ -56,8 +56,8 @@ $EDGEC tune --model "$WORK/smollm2-luc" --data data/austen/train.txt --valid dat
 step "perplexity and next-token accuracy per exit and per voting mode (first 4 chunks of test.txt, ctx 256)"
 $EDGEC eval --model "$WORK/smollm2-luc" --adapters "$WORK/adapters" --text data/austen/test.txt --ctx 256 --chunks 4
 
-step "generate from the tuned model, the exits voting (mean)"
-$EDGEC generate --model "$WORK/smollm2-luc" --adapters "$WORK/adapters" --vote mean \
+step "generate from the tuned model, the exits voting (weighted: the weights fitted on valid.txt)"
+$EDGEC generate --model "$WORK/smollm2-luc" --adapters "$WORK/adapters" --vote weighted \
   --prompt "The history of the English novel" -n 24
 
 step "build a signed bundle of the compressed model for this machine (targets/host.toml)"
