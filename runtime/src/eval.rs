@@ -1,7 +1,6 @@
-//! Perplexity on the device: the same two protocols as the compiler's `edgec eval`
-//! (`compiler/src/eval.rs`), so a bundle's loss can be compared with the source model's.
-//! The runtime cannot depend on the compiler, hence this copy; the compiler's module could
-//! later call this one.
+//! Perplexity, shared by the device (`edge-runtime eval`, the service's `Evaluate`) and
+//! the compiler (`edgec eval` re-exports this module), so a bundle's loss and its source
+//! model's come from the same code.
 //!
 //! - [`chunked_perplexity`], llama.cpp's `llama-perplexity`: the text's tokens are cut into
 //!   non-overlapping chunks of `ctx` (the tail that does not fill a chunk is dropped), each

@@ -166,6 +166,7 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
         token_samples(&text, &tok, a.samples, a.seq)
     } else {
         parse_token_file(&text, g.config.vocab_size)
+            .map_err(anyhow::Error::from)
             .and_then(|seqs| samples_from_tokens(&seqs.concat(), a.samples, a.seq, None))
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", calib.display()))?;
