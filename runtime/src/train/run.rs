@@ -90,6 +90,23 @@ pub fn shifted_targets(tokens: &[u32]) -> Vec<Option<u32>> {
     t
 }
 
+/// The gradient buffer of `id` when it trains, else a zeroed scratch buffer (a frozen
+/// adapter's gradient is computed on the way to its input's and dropped).
+fn grad_or_scratch<'g>(
+    grads: Option<&'g mut Grads>,
+    id: ParamId,
+    len: usize,
+    scratch: &'g mut Vec<f32>,
+) -> &'g mut [f32] {
+    match grads.and_then(|gr| gr.tensors.get_mut(&id)) {
+        Some(d) => d.as_mut_slice(),
+        None => {
+            scratch.resize(len, 0.0);
+            scratch.as_mut_slice()
+        }
+    }
+}
+
 /// Interprets training graphs of one base graph and parameter set.
 pub struct TrainRunner<'a> {
     pub graph: &'a Graph,
@@ -315,26 +332,14 @@ impl<'a> TrainRunner<'a> {
                 TOp::LinearBack { weight } => vec![grad::linear_back(&g.weight(*weight).data, get(0)?, rows)],
                 TOp::LoraUpBack { b, rank, scale } => {
                     let bp = &p.get(*b).data;
-                    let mut scratch;
-                    let db = match ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(b)) {
-                        Some(d) => d.as_mut_slice(),
-                        None => {
-                            scratch = vec![0.0; bp.len()];
-                            scratch.as_mut_slice()
-                        }
-                    };
+                    let mut scratch = vec![];
+                    let db = grad_or_scratch(ctx.grads.as_deref_mut(), *b, bp.len(), &mut scratch);
                     vec![grad::lora_up_back(get(0)?, rows, bp, *rank, *scale, get(1)?, db)]
                 }
                 TOp::LoraDownBack { a, rank, need_dx } => {
                     let ap = &p.get(*a).data;
-                    let mut scratch;
-                    let da = match ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(a)) {
-                        Some(d) => d.as_mut_slice(),
-                        None => {
-                            scratch = vec![0.0; ap.len()];
-                            scratch.as_mut_slice()
-                        }
-                    };
+                    let mut scratch = vec![];
+                    let da = grad_or_scratch(ctx.grads.as_deref_mut(), *a, ap.len(), &mut scratch);
                     grad::lora_down_back(get(0)?, rows, ap, *rank, get(1)?, da, *need_dx)
                         .into_iter()
                         .collect()
