@@ -1087,3 +1087,79 @@ fn tune_on_the_device_and_export_adapters() {
         assert_eq!(e.code(), tonic::Code::NotFound);
     });
 }
+
+/// A device killed (SIGKILL) in the middle of a tuning job resumes it from its last
+/// checkpoint after a restart, losing at most one checkpoint interval.
+#[test]
+fn a_device_killed_during_tune_resumes_from_its_last_checkpoint() {
+    use edgec::client::deploy::{Upload, file_sha256, upload};
+    use pb::UploadKind;
+
+    let s = Setup::new();
+    let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
+    let mut dev = s.device("dev", &[], &[]);
+    assert_eq!(s.deploy(&b1, &dev, &[])["devices"][0]["activated"], true);
+    let data = s.path("data.txt");
+    let text = std::fs::read_to_string(common::repo().join("data/austen/valid.txt")).unwrap();
+    std::fs::write(&data, &text[..6000]).unwrap();
+    let (sha, size) = file_sha256(&data).unwrap();
+    let req = pb::TuneRequest {
+        dataset_sha256: sha.clone(),
+        steps: 400,
+        learning_rate: 1e-2,
+        lora_rank: 2,
+        seq_len: 32,
+        checkpoint_every: 5,
+        stride: 2,
+        ..Default::default()
+    };
+    let last_seen = rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let u = Upload {
+            device: &dev.url,
+            kind: UploadKind::Dataset,
+            path: &data,
+            sha256: &sha,
+            size,
+            chunk_bytes: 1 << 16,
+            max_attempts: 2,
+        };
+        upload(&mut c, &u, Arc::new(|_| {})).await.unwrap();
+        let mut stream = c.tune(req.clone()).await.unwrap().into_inner();
+        // Read until a checkpoint past step 10 is reported, then the device dies.
+        loop {
+            let p = stream.message().await.unwrap().expect("job ended early");
+            if p.checkpoint_step >= 10 {
+                break p.checkpoint_step;
+            }
+        }
+    });
+    dev.kill();
+    let dev = s.device("dev", &[], &[]);
+    rt().block_on(async {
+        let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
+        let mut stream = c
+            .tune(pb::TuneRequest { resume: true, ..req })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().expect("progress after restart");
+        // Resumed at a checkpoint no older than the one reported before the kill.
+        assert!(
+            first.step > last_seen,
+            "resumed at step {}, checkpoint {last_seen} was reported",
+            first.step
+        );
+        let mut done = false;
+        while let Some(p) = stream.message().await.unwrap() {
+            done |= p.done;
+        }
+        assert!(done);
+        let ex = c
+            .export_adapters(pb::ExportAdaptersRequest {
+                job_id: first.job_id.clone(),
+            })
+            .await;
+        assert!(ex.is_ok());
+    });
+}
