@@ -12,6 +12,7 @@ pub mod format;
 pub mod ir;
 pub mod jit;
 pub mod kernels;
+pub mod memory;
 pub mod ops;
 pub mod packed;
 pub mod sampling;

@@ -56,39 +56,22 @@ fn run_exits(
     model: &edgec::frontend::LoadedModel,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use edge_runtime::train::Params;
-    use edge_runtime::train::vote::{Exits, Vote, attach_adapters, evaluate_exits};
-    let params = Params::load_peft_dir(&model.graph, dir)?;
-    let exits: Vec<usize> = params.exits.iter().map(|e| e.layer).collect();
-    let tuned = attach_adapters(&model.graph, &params)?;
-    let ex = Exits::new(&tuned, Some(&params), &exits)?;
-    let mut votes = vec![];
-    for v in &a.vote {
-        let mut vote: Vote = v.parse()?;
-        if let Vote::Weighted(w) = &mut vote {
-            let path = dir.join("voting.json");
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                anyhow::anyhow!(
-                    "weighted voting needs {} (written by `edgec tune --valid`): {e}",
-                    path.display()
-                )
-            })?;
-            let j: serde_json::Value = serde_json::from_str(&text)?;
-            *w = j["weights"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
-                .unwrap_or_default();
-        }
-        votes.push(vote);
-    }
-    let exec = Executor::new(Arc::new(tuned))?;
+    use edge_runtime::train::vote::{Tuned, Vote, evaluate_exits};
+    let tuned = Tuned::load(&model.graph, dir)?;
+    let ex = &tuned.exits;
+    let votes = a
+        .vote
+        .iter()
+        .map(|v| Vote::load(v, dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let exec = Executor::new(Arc::new(tuned.graph.clone()))?;
     let text = super::read_text(a.text.as_ref().expect("clap: --adapters requires --text"))?;
     let tok = super::tokenizer(model, &a.model.model)?;
     let tokens = tok.encode(&text)?;
     let bos = if tok.add_bos { tok.bos } else { None };
     let n = edgec::eval::chunk_count(tokens.len(), a.ctx, a.chunks);
     let pb = super::progress_bar(n as u64, "perplexity per exit");
-    let r = evaluate_exits(&exec, &ex, &votes, &tokens, a.ctx, a.chunks, bos, |d, _| {
+    let r = evaluate_exits(&exec, ex, &votes, &tokens, a.ctx, a.chunks, bos, |d, _| {
         pb.set_position(d as u64)
     });
     pb.finish_and_clear();
@@ -121,10 +104,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     }
     // With --tokens, adapters are scored at the final layer (the PEFT model's loss).
     let graph = match &a.adapters {
-        Some(dir) => {
-            let p = edge_runtime::train::Params::load_peft_dir(&model.graph, dir)?;
-            edge_runtime::train::vote::attach_adapters(&model.graph, &p)?
-        }
+        Some(dir) => edge_runtime::train::vote::Tuned::load(&model.graph, dir)?.graph,
         None => model.graph.clone(),
     };
     let exec = Executor::new(Arc::new(graph))?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 use edge_runtime::Rows;
 use edge_runtime::sampling::{Sampler, Sampling};
-use edge_runtime::train::vote::{Exits, Vote, attach_adapters, combine, probabilities};
+use edge_runtime::train::vote::{Exits, Tuned, Vote, combine, probabilities};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -52,22 +52,8 @@ fn tuned(
     g: &edge_runtime::ir::Graph,
 ) -> anyhow::Result<Option<(edge_runtime::ir::Graph, Exits, Vote)>> {
     let Some(dir) = &a.adapters else { return Ok(None) };
-    let params = edge_runtime::train::Params::load_peft_dir(g, dir)?;
-    let layers: Vec<usize> = params.exits.iter().map(|e| e.layer).collect();
-    let graph = attach_adapters(g, &params)?;
-    let exits = Exits::new(&graph, Some(&params), &layers)?;
-    let mut vote: Vote = a.vote.parse()?;
-    if let Vote::Weighted(w) = &mut vote {
-        let path = dir.join("voting.json");
-        let j: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        )?;
-        *w = j["weights"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
-            .unwrap_or_default();
-    }
-    Ok(Some((graph, exits, vote)))
+    let t = Tuned::load(g, dir)?;
+    Ok(Some((t.graph, t.exits, Vote::load(&a.vote, dir)?)))
 }
 
 /// The next-token scores of a step: the graph's logits, or the exits' vote (as log

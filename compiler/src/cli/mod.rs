@@ -195,8 +195,5 @@ pub fn tokenizer(model: &LoadedModel, path: &Path) -> anyhow::Result<edge_runtim
 
 /// Peak resident set size of this process in bytes (Linux: VmHWM), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    Some(edge_runtime::memory::rss_bytes().1).filter(|&b| b > 0)
 }

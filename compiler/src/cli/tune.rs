@@ -9,7 +9,7 @@ use edge_runtime::Executor;
 use edge_runtime::ir::Graph;
 use edge_runtime::train::lora::parse_targets;
 use edge_runtime::train::tune::{TuneConfig, TuneMode, Tuner, exit_layers, rss_bytes};
-use edge_runtime::train::vote::{ExitEval, Exits, Vote, attach_adapters, evaluate_exits, fit_weights};
+use edge_runtime::train::vote::{ExitEval, Tuned, Vote, evaluate_exits, fit_weights};
 use edge_runtime::train::{LoraConfig, Params};
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -261,7 +261,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
         }
     }
     tuner.checkpoint(&ckdir)?;
-    let params = tuner.params.clone();
+    let params = tuner.params;
     params
         .save_peft(&a.output, &a.model.model.display().to_string())
         .with_context(|| format!("writing adapters to {}", a.output.display()))?;
@@ -271,8 +271,7 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
     let valid = match &valid_tokens {
         Some(vt) => Some(validate(
             &graph,
-            &params,
-            &exits,
+            params,
             vt,
             a.valid_ctx,
             a.valid_chunks,
@@ -327,15 +326,18 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
 /// vote's weights and saves them as `voting.json` in `out`.
 fn validate(
     graph: &Graph,
-    params: &Params,
-    exits: &[usize],
+    params: Params,
     tokens: &[u32],
     ctx: usize,
     chunks: Option<usize>,
     out: &Path,
 ) -> anyhow::Result<ExitEval> {
-    let tuned = attach_adapters(graph, params)?;
-    let ex = Exits::new(&tuned, Some(params), exits)?;
+    let Tuned {
+        graph: tuned,
+        exits: ex,
+        ..
+    } = Tuned::new(graph, params)?;
+    let exits = ex.layers();
     let exec = Executor::new(std::sync::Arc::new(tuned))?;
     let bos = graph
         .config

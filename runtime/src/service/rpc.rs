@@ -52,16 +52,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| e.status())
 }
 
-fn resident_bytes() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return 0;
-    };
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn meta_to_pb(m: &BundleMeta, active: bool) -> pb::BundleInfo {
     pb::BundleInfo {
         sha256: m.sha256.clone(),
@@ -713,7 +703,7 @@ impl EdgeRuntime for Runtime {
             active_bundle: name,
             active_sha256: self.model().map(|m| m.sha256.clone()).unwrap_or_default(),
             uptime_seconds: self.started.elapsed().as_secs(),
-            memory_bytes: resident_bytes(),
+            memory_bytes: crate::memory::rss_bytes().0,
             memory_budget_bytes: self.memory_budget,
             tune_state: "idle".into(),
             active_streams: self.engine.in_flight() as u32,

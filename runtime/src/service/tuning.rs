@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 
 use super::model::Model;
+use super::store::hex;
 use crate::train::job::{JobEnd, JobSpec, run_job};
 use crate::train::tune::{TuneConfig, TuneMode};
 
@@ -127,7 +128,7 @@ pub fn job_id(bundle_sha: &str, spec: &JobSpec) -> String {
     let mut h = Sha256::new();
     h.update(bundle_sha.as_bytes());
     h.update(serde_json::to_vec(spec).expect("json"));
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize()[..8])
 }
 
 impl Jobs {
@@ -246,10 +247,7 @@ pub fn export_chunks(dir: &Path) -> Result<Vec<pb::FileChunk>, Status> {
     ] {
         let p = dir.join(name);
         let Ok(bytes) = std::fs::read(&p) else { continue };
-        let sha: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha = hex(&Sha256::digest(&bytes));
         let n = bytes.len().div_ceil(EXPORT_CHUNK).max(1);
         for i in 0..n {
             let (a, b) = (i * EXPORT_CHUNK, ((i + 1) * EXPORT_CHUNK).min(bytes.len()));

@@ -276,6 +276,24 @@ pub fn attention_back(
     (dq, dk, dv)
 }
 
+/// The LM head of an exit: a frozen weight of the graph (any format), or a trained f32
+/// copy (`[vocab, d]` row-major), used in place.
+#[derive(Clone, Copy)]
+pub enum Head<'a> {
+    Weight(&'a WeightData),
+    Trained { data: &'a [f32], vocab: usize },
+}
+
+impl Head<'_> {
+    /// `(vocab, d)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Head::Weight(w) => (w.shape()[0], w.shape()[1]),
+            Head::Trained { data, vocab } => (*vocab, data.len() / vocab),
+        }
+    }
+}
+
 /// Rows of logits computed at once by [`head_loss`]; bounds the memory of the loss to
 /// `HEAD_CHUNK x vocab` whatever the sequence length.
 pub const HEAD_CHUNK: usize = 64;
@@ -287,17 +305,26 @@ pub const HEAD_CHUNK: usize = 64;
 /// dx)`, with `dx = d loss / d x`; `dw_acc` receives `d loss / d W` when the head trains.
 pub fn head_loss(
     x: &[f32],
-    head: &WeightData,
+    head: Head<'_>,
     targets: &[Option<u32>],
     weight: f32,
     mut dw_acc: Option<&mut [f32]>,
 ) -> (f64, f64, usize, Vec<f32>) {
-    let (vocab, d) = (head.shape()[0], head.shape()[1]);
+    let (vocab, d) = head.shape();
     let rows = targets.len();
     let mut dx = vec![0.0; rows * d];
     let (mut loss, mut raw, mut count) = (0.0f64, 0.0f64, 0usize);
     let mut logits = vec![0.0; HEAD_CHUNK.min(rows) * vocab];
-    let dense = head.dense().and_then(|t| t.f32s());
+    let dense = match head {
+        Head::Weight(w) => w.dense().and_then(|t| t.f32s()),
+        Head::Trained { data, .. } => Some(data),
+    };
+    // A head stored in another format (f16, packed) goes through the weight kernels; a
+    // trained head is always dense f32.
+    let stored = match head {
+        Head::Weight(w) => Some(w),
+        Head::Trained { .. } => None,
+    };
     for r0 in (0..rows).step_by(HEAD_CHUNK) {
         let r1 = (r0 + HEAD_CHUNK).min(rows);
         let n = r1 - r0;
@@ -315,7 +342,7 @@ pub fn head_loss(
                 1.0,
                 false,
             ),
-            None => linear(xs, n, head, lg),
+            None => linear(xs, n, stored.expect("only stored heads are not dense f32"), lg),
         }
         // Rows in parallel: each turns its logits into `weight * (softmax - onehot)` and
         // returns its loss term.
@@ -357,7 +384,12 @@ pub fn head_loss(
                 1.0,
                 false,
             ),
-            None => linear_transposed(lg, n, head, &mut dx[r0 * d..r1 * d]),
+            None => linear_transposed(
+                lg,
+                n,
+                stored.expect("only stored heads are not dense f32"),
+                &mut dx[r0 * d..r1 * d],
+            ),
         }
         if let Some(dw) = dw_acc.as_deref_mut() {
             matmul(

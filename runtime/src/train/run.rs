@@ -8,7 +8,7 @@ use super::grad;
 use super::graph::{TOp, TVal, TrainGraph, WeightRef};
 use super::lora::{ParamId, Params};
 use crate::error::{Result, RuntimeError};
-use crate::ir::{Graph, WeightData};
+use crate::ir::Graph;
 use crate::kernels::linear::linear;
 use crate::ops::attention::{AttnShape, KvSlot, attention};
 use crate::ops::norm::rms_norm;
@@ -295,14 +295,16 @@ impl<'a> TrainRunner<'a> {
                 TOp::SwiGlu => vec![grad::swiglu_par(get(0)?, get(1)?)],
                 TOp::Add | TOp::GradSum => vec![grad::add_par(get(0)?, get(1)?)],
                 TOp::ExitLoss { head } => {
-                    let owned;
                     let (hw, dw) = match head {
-                        WeightRef::Frozen(id) => (&g.weight(*id).data, None),
+                        WeightRef::Frozen(id) => (grad::Head::Weight(&g.weight(*id).data), None),
                         WeightRef::Param(pid) => {
                             let prm = p.get(*pid);
-                            owned = WeightData::Dense(Tensor::from_f32(prm.shape.clone(), prm.data.clone())?);
                             let dw = ctx.grads.as_deref_mut().and_then(|gr| gr.tensors.get_mut(pid));
-                            (&owned, dw.map(|v| v.as_mut_slice()))
+                            let head = grad::Head::Trained {
+                                data: &prm.data,
+                                vocab: prm.shape[0],
+                            };
+                            (head, dw.map(|v| v.as_mut_slice()))
                         }
                     };
                     let (loss, raw, count, dx) = grad::head_loss(get(0)?, hw, ctx.targets, ctx.weight, dw);

@@ -20,6 +20,7 @@ use super::optim::{AdamW, AdamWConfig, clip_grad_norm, lr_at};
 use super::run::{Grads, TrainRunner};
 use crate::error::{Result, RuntimeError};
 use crate::ir::Graph;
+pub use crate::memory::rss_bytes;
 
 /// Which layers train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -471,21 +472,6 @@ impl<'g> Tuner<'g> {
         self.cache.clear();
         Ok(Some(self.step))
     }
-}
-
-/// `(current, peak)` resident set size of this process in bytes (Linux; zeros elsewhere).
-pub fn rss_bytes() -> (u64, u64) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return (0, 0);
-    };
-    let field = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 #[cfg(test)]

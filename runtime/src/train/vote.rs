@@ -222,6 +222,52 @@ impl Exits {
     }
 }
 
+/// A tuned model ready for inference: the graph with adapters attached and its exits.
+pub struct Tuned {
+    pub graph: Graph,
+    pub params: Params,
+    pub exits: Exits,
+}
+
+impl Tuned {
+    /// `params` attached to `g`, with the exits they carry.
+    pub fn new(g: &Graph, params: Params) -> Result<Tuned> {
+        let layers: Vec<usize> = params.exits.iter().map(|e| e.layer).collect();
+        let graph = attach_adapters(g, &params)?;
+        let exits = Exits::new(&graph, Some(&params), &layers)?;
+        Ok(Tuned { graph, params, exits })
+    }
+
+    /// The adapters directory `dir` (written by `edgec tune`) on `g`.
+    pub fn load(g: &Graph, dir: &std::path::Path) -> Result<Tuned> {
+        Tuned::new(g, Params::load_peft_dir(g, dir)?)
+    }
+}
+
+impl Vote {
+    /// Parses a mode; `weighted` takes the weights `edgec tune` fitted and saved in
+    /// `dir/voting.json`.
+    pub fn load(name: &str, dir: &std::path::Path) -> Result<Vote> {
+        let mut vote: Vote = name.parse()?;
+        if let Vote::Weighted(w) = &mut vote {
+            let path = dir.join("voting.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                RuntimeError::Invalid(format!(
+                    "weighted voting needs {} (written by `edgec tune --valid`): {e}",
+                    path.display()
+                ))
+            })?;
+            let j: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", path.display())))?;
+            *w = j["weights"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+                .unwrap_or_default();
+        }
+        Ok(vote)
+    }
+}
+
 /// Softmax of a logit row (f64 accumulation).
 pub fn probabilities(logits: &[f32]) -> Vec<f32> {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
