@@ -20,14 +20,25 @@ use edgec::frontend::{self, LoadOptions};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-/// `edge-runtime` lives in another package, so cargo does not hand its path to this test;
-/// build it (a no-op when fresh) and take it from beside `edgec`.
+/// `edge-runtime` lives in another package, so cargo does not hand its path to this test.
+/// `cargo test --workspace` builds it beside `edgec` in the same invocation (the runtime has
+/// integration tests, so cargo links its binary), with the same feature set; use that one.
+/// `EDGE_RUNTIME_BIN` overrides the path. Only when it is missing (this test run alone) is it
+/// built here, with the workspace's feature set so that no dependency is compiled a second
+/// time under other features.
 fn runtime_bin() -> PathBuf {
     static BUILD: Once = Once::new();
+    if let Some(path) = std::env::var_os("EDGE_RUNTIME_BIN") {
+        return PathBuf::from(path);
+    }
     let edgec = PathBuf::from(env!("CARGO_BIN_EXE_edgec"));
+    let runtime = edgec.with_file_name("edge-runtime");
     BUILD.call_once(|| {
+        if runtime.exists() {
+            return;
+        }
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "edge-runtime", "--bin", "edge-runtime"]);
+        cmd.args(["build", "-q", "--workspace", "--bins"]);
         if edgec.parent().is_some_and(|p| p.ends_with("release")) {
             cmd.arg("--release");
         }
@@ -36,7 +47,7 @@ fn runtime_bin() -> PathBuf {
             "building edge-runtime failed"
         );
     });
-    edgec.with_file_name("edge-runtime")
+    runtime
 }
 
 /// A byte-level tokenizer over tiny-llama's 256-token vocabulary (one token per byte, GPT-2's
