@@ -336,7 +336,7 @@ fn deploy_activate_generate_matches_local_run() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("no exit heads") && err.contains("InvalidArgument"),
+        err.contains("needs exit heads") && err.contains("InvalidArgument"),
         "{err}"
     );
 
@@ -1086,6 +1086,12 @@ fn tune_on_the_device_and_export_adapters() {
             "{names:?}"
         );
         assert_eq!(names.len(), 4 * 7 * 2);
+        let adapters = s.path("adapters");
+        std::fs::create_dir_all(&adapters).unwrap();
+        for (name, bytes) in &files {
+            std::fs::write(adapters.join(name), bytes).unwrap();
+        }
+        tuned_generation_matches_local(&mut c, &s, &b1, &job, &adapters, &sha).await;
         // A dataset the device does not hold.
         let e = c
             .tune(pb::TuneRequest {
@@ -1097,6 +1103,155 @@ fn tune_on_the_device_and_export_adapters() {
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);
     });
+}
+
+/// Greedy tokens of the bundle with the tuned adapters of `dir` attached, the exits combined
+/// by `vote`, computed here with the runtime's library (no service involved).
+fn local_tuned_greedy(
+    bundle: &Path,
+    public: &Path,
+    dir: &Path,
+    vote: &edge_runtime::train::vote::Vote,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
+    use edge_runtime::train::vote::{Tuned, combine, probabilities};
+    let policy = TrustPolicy::trusting(vec![read_verifying_key(public).unwrap()]);
+    let b = edge_runtime::bundle::Bundle::open(bundle, &policy).unwrap();
+    let t = Tuned::load(b.graph(), dir).unwrap();
+    let exec = Executor::new(Arc::new(t.graph)).unwrap();
+    let taps = t.exits.taps();
+    let mut s = exec.session(prompt.len() + n);
+    let mut out = exec.forward(&mut s, prompt, Rows::Last, &taps).unwrap();
+    let mut tokens = vec![];
+    loop {
+        let probs: Vec<Vec<f32>> = out
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let d = t.exits.heads[i].1.numel();
+                probabilities(&t.exits.logits(i, &h[h.len() - d..]))
+            })
+            .collect();
+        let next = edge_runtime::sampling::argmax(&combine(vote, &probs).unwrap());
+        tokens.push(next);
+        if tokens.len() == n {
+            return tokens;
+        }
+        out = exec.forward(&mut s, &[next], Rows::Last, &taps).unwrap();
+    }
+}
+
+/// After a device tune: Generate with the job's adapters and exits under every voting mode
+/// equals the same tuned model computed locally; self-speculative decoding equals plain
+/// greedy decoding (tuned and as built); Evaluate reports every exit and vote.
+async fn tuned_generation_matches_local(
+    c: &mut Client,
+    s: &Setup,
+    bundle: &Path,
+    job: &str,
+    dir: &Path,
+    dataset: &str,
+) {
+    use edge_runtime::train::vote::Vote;
+    let n = 20;
+    let run = |voting: pb::VotingMode, tune_job: &str, draft: u32, layer: Option<u32>| pb::GenerateRequest {
+        prompt_tokens: PROMPT.to_vec(),
+        max_tokens: n,
+        ignore_eos: true,
+        voting: voting as i32,
+        tune_job: tune_job.to_string(),
+        draft_tokens: draft,
+        draft_layer: layer,
+        ..Default::default()
+    };
+    async fn tokens(c: &mut Client, req: pb::GenerateRequest) -> (Vec<u32>, pb::GenerateReply) {
+        let mut stream = c.generate(req).await.unwrap().into_inner();
+        let mut tokens = vec![];
+        while let Some(m) = stream.message().await.unwrap() {
+            tokens.extend(m.token);
+            if m.done {
+                return (tokens, m);
+            }
+        }
+        panic!("stream ended without its final message");
+    }
+    let mut plain_last = vec![];
+    for (mode, name) in [
+        (pb::VotingMode::Last, "last"),
+        (pb::VotingMode::MaxConfidence, "max-confidence"),
+        (pb::VotingMode::Mean, "mean"),
+        (pb::VotingMode::Weighted, "weighted"),
+    ] {
+        let (remote, fin) = tokens(c, run(mode, job, 0, None)).await;
+        assert_eq!(fin.tune_job, job);
+        let vote = Vote::load(name, dir).unwrap();
+        let local = local_tuned_greedy(bundle, &s.public, dir, &vote, &PROMPT, n as usize);
+        assert_eq!(remote, local, "voting {name}");
+        if mode == pb::VotingMode::Last {
+            plain_last = remote;
+        }
+    }
+    // `latest` names the same job.
+    assert_eq!(
+        tokens(c, run(pb::VotingMode::Last, "latest", 0, None)).await.0,
+        plain_last
+    );
+    // Self-speculative: the full model's greedy output, drafts from exit 1 (tuned) or from
+    // layer 0 through the final norm (as built).
+    let (spec, fin) = tokens(c, run(pb::VotingMode::Last, job, 3, Some(1))).await;
+    assert_eq!(spec, plain_last);
+    assert!(
+        fin.speculative_rounds > 0 && fin.accepted_draft_tokens <= fin.draft_tokens,
+        "{fin:?}"
+    );
+    assert_eq!(tokens(c, run(pb::VotingMode::Mean, job, 4, None)).await.0, {
+        tokens(c, run(pb::VotingMode::Mean, job, 0, None)).await.0
+    });
+    let (spec, _) = tokens(c, run(pb::VotingMode::Last, "", 2, Some(0))).await;
+    assert_eq!(spec, local_greedy(bundle, &s.public, &PROMPT, n as usize));
+    // Drafting at the last layer, or while sampling, is refused.
+    let bad = c.generate(run(pb::VotingMode::Last, job, 2, Some(3))).await;
+    assert_eq!(code(bad.map(|_| ())), tonic::Code::InvalidArgument);
+    let mut sampled = run(pb::VotingMode::Last, job, 2, None);
+    sampled.temperature = 0.7;
+    assert_eq!(
+        code(c.generate(sampled).await.map(|_| ())),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.generate(run(pb::VotingMode::Last, "0123abcd", 0, None))
+                .await
+                .map(|_| ())
+        ),
+        tonic::Code::NotFound
+    );
+    // Evaluate: every exit and vote, the request's vote first.
+    let req = pb::EvaluateRequest {
+        dataset_sha256: dataset.to_string(),
+        ctx: 32,
+        max_chunks: 4,
+        voting: pb::VotingMode::Mean as i32,
+        tune_job: job.to_string(),
+    };
+    let r = c.evaluate(req).await.unwrap().into_inner();
+    assert_eq!(
+        r.exits.iter().map(|e| e.layer).collect::<Vec<_>>(),
+        vec![1, 3],
+        "{r:?}"
+    );
+    let modes: Vec<&str> = r.votes.iter().map(|v| v.mode.as_str()).collect();
+    assert_eq!(modes, ["last", "max-confidence", "mean", "weighted"]);
+    assert_eq!(r.perplexity, r.votes[2].perplexity);
+    assert_eq!(r.votes[0].perplexity, r.exits[1].perplexity);
+    assert!(
+        r.exits
+            .iter()
+            .all(|e| e.perplexity.is_finite() && e.perplexity > 1.0)
+    );
+    assert_eq!(r.tokens_scored, 4 * 15);
 }
 
 /// A device killed (SIGKILL) in the middle of a tuning job resumes it from its last

@@ -80,6 +80,7 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         prompt_tokens: a.prompt_tokens.clone().unwrap_or_default(),
+        ..Default::default()
     };
     let rt = tokio_runtime()?;
     rt.block_on(async {

@@ -1,6 +1,7 @@
 //! One `Generate` stream as an engine task: the prompt's prefill, then one token per step,
 //! streamed to the client as it is chosen.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,12 @@ use tonic::Status;
 
 use super::engine::{Slot, Step, Task};
 use super::model::Model;
+use super::tuned::Scorer;
+use crate::exec::Executor;
+use crate::ir::{Graph, Op, ValueId, WeightId};
 use crate::sampling::{Sampler, Sampling};
+use crate::train::lora::Params;
+use crate::train::vote::Exits;
 use crate::{Rows, Session};
 
 /// Decides how much of the generated text can be sent: text that could still turn out to be
@@ -106,17 +112,109 @@ pub struct GenParams {
     pub seed: u64,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// The bundle as built, or a tuned model with its vote.
+    pub scorer: Scorer,
+    /// Self-speculative decoding (greedy only).
+    pub speculative: Option<Speculative>,
+}
+
+/// Self-speculative decoding: `k` tokens drafted per round by `draft`.
+pub struct Speculative {
+    pub k: usize,
+    pub draft: Draft,
+}
+
+/// An early exit of the running model used as the draft model: the embedding and the
+/// decoder layers up to `layer` (with the tuned adapters when the model has them), then
+/// that exit's norm and the LM head. It writes the KV cache of its layers; the
+/// verification pass rewrites those positions at full depth.
+pub struct Draft {
+    pub layer: usize,
+    exits: Exits,
+    table: WeightId,
+    embed_out: ValueId,
+    span: Range<usize>,
+    out: ValueId,
+}
+
+impl Draft {
+    /// The exit after decoder layer `layer` of `g` (its trained norm when `params` has an
+    /// exit there, the final norm otherwise).
+    pub fn new(g: &Graph, params: Option<&Params>, layer: usize) -> crate::Result<Draft> {
+        let last = g.config.num_layers - 1;
+        if layer >= last {
+            return Err(crate::RuntimeError::Invalid(format!(
+                "draft_layer {layer} must be below the last layer ({last})"
+            )));
+        }
+        let (e, table, embed_out) = g
+            .nodes
+            .iter()
+            .enumerate()
+            .find_map(|(i, n)| match n.op {
+                Op::Embedding { table } => Some((i, table, n.output)),
+                _ => None,
+            })
+            .ok_or_else(|| crate::RuntimeError::InvalidGraph("the graph has no embedding".into()))?;
+        let end = g
+            .layer_span(layer)
+            .ok_or_else(|| crate::RuntimeError::InvalidGraph(format!("no decoder layer {layer}")))?
+            .end;
+        let exits = Exits::new(g, params, &[layer])?;
+        let out = exits.taps()[0];
+        Ok(Draft {
+            layer,
+            exits,
+            table,
+            embed_out,
+            span: e + 1..end,
+            out,
+        })
+    }
+
+    /// Feeds `token` through the draft layers (one new cache position) and returns the
+    /// exit's greedy next token.
+    fn next(&self, exec: &Executor, s: &mut Session, token: u32) -> crate::Result<u32> {
+        let g = exec.graph();
+        let mut row = vec![0.0; g.config.hidden_size];
+        g.weight(self.table).data.read_row_f32(token as usize, &mut row);
+        let h = exec.run_span(s, 1, vec![(self.embed_out, row)], self.span.clone(), &[self.out])?;
+        let logits = self.exits.logits(0, &h[0]);
+        Ok(Sampler::new(Sampling::Greedy, 0).sample(&logits))
+    }
+}
+
+/// The executor of the model a request runs (the tuned graph, or the bundle's).
+fn executor<'a>(model: &'a Model, scorer: &'a Scorer) -> &'a Executor {
+    match scorer {
+        Scorer::Base => &model.executor,
+        Scorer::Tuned { model, .. } => &model.executor,
+    }
 }
 
 pub type ReplySender = UnboundedSender<Result<GenerateReply, Status>>;
 
+/// Counts of a speculative stream.
+#[derive(Debug, Default, Clone, Copy)]
+struct SpecStats {
+    rounds: u32,
+    drafted: u32,
+    accepted: u32,
+}
+
 pub struct Generation {
     model: Arc<Model>,
+    scorer: Scorer,
+    taps: Vec<ValueId>,
+    speculative: Option<Speculative>,
+    stats: SpecStats,
     session: Session,
     sampler: Sampler,
     prompt: Vec<u32>,
     generated: Vec<u32>,
-    logits: Option<Vec<f32>>,
+    /// The last token chosen (already streamed, not yet in the KV cache); `None` before
+    /// the prefill.
+    pending: Option<u32>,
     max_tokens: usize,
     ignore_eos: bool,
     stop: StopText,
@@ -138,10 +236,14 @@ impl Generation {
         let session = model.executor.session(p.prompt.len() + p.max_tokens);
         Generation {
             session,
+            taps: p.scorer.taps(),
+            scorer: p.scorer,
+            speculative: p.speculative,
+            stats: SpecStats::default(),
             sampler: Sampler::new(p.sampling, p.seed),
             prompt: p.prompt,
             generated: Vec::with_capacity(p.max_tokens),
-            logits: None,
+            pending: None,
             max_tokens: p.max_tokens,
             ignore_eos: p.ignore_eos,
             stop: StopText::new(p.stop),
@@ -194,21 +296,17 @@ impl Generation {
                 0.0
             },
             bundle_sha256: self.model.sha256.clone(),
+            tune_job: self.scorer.job(),
+            speculative_rounds: self.stats.rounds,
+            draft_tokens: self.stats.drafted,
+            accepted_draft_tokens: self.stats.accepted,
         };
         let _ = self.tx.send(Ok(reply));
         Step::Done
     }
 
-    fn try_step(&mut self) -> Result<Step, Status> {
-        let exec = &self.model.executor;
-        let Some(logits) = self.logits.take() else {
-            let out = exec
-                .forward(&mut self.session, &self.prompt, Rows::Last, &[])
-                .map_err(|e| Status::internal(format!("prefill: {e}")))?;
-            self.logits = Some(out.logits);
-            return Ok(Step::Continue);
-        };
-        let next = self.sampler.sample(&logits);
+    /// Streams one chosen token; `Some` when the stream is finished by it.
+    fn emit(&mut self, next: u32) -> Result<Option<Step>, Status> {
         self.generated.push(next);
         self.first_token.get_or_insert_with(Instant::now);
         let eos = !self.ignore_eos && self.is_eos(next);
@@ -223,7 +321,7 @@ impl Generation {
                     ..Default::default()
                 }));
             }
-            return Ok(self.finish(FinishReason::Stop, String::new()));
+            return Ok(Some(self.finish(FinishReason::Stop, String::new())));
         }
         let _ = self.tx.send(Ok(GenerateReply {
             token: Some(next),
@@ -237,12 +335,87 @@ impl Generation {
             } else {
                 FinishReason::Length
             };
-            return Ok(self.finish(reason, rest));
+            return Ok(Some(self.finish(reason, rest)));
         }
-        let out = exec
-            .forward(&mut self.session, &[next], Rows::Last, &[])
-            .map_err(|e| Status::internal(format!("decode: {e}")))?;
-        self.logits = Some(out.logits);
+        Ok(None)
+    }
+
+    /// Runs `tokens` at full depth and returns the scores of `rows`.
+    fn forward(&mut self, tokens: &[u32], rows: Rows) -> Result<Vec<Vec<f32>>, Status> {
+        let out = executor(&self.model, &self.scorer)
+            .forward(&mut self.session, tokens, rows, &self.taps)
+            .map_err(|e| Status::internal(format!("forward: {e}")))?;
+        self.scorer
+            .scores(&out)
+            .map_err(|e| Status::internal(format!("scores: {e}")))
+    }
+
+    /// One speculative round from the pending token `t0`: `k` drafts by the early exit,
+    /// then `t0` and the drafts at full depth in one pass. Returns the full model's tokens:
+    /// the drafts it agrees with, then its own token at the first disagreement (or after
+    /// the last draft). The cache keeps exactly the positions those tokens imply.
+    fn speculate(&mut self, t0: u32, k: usize) -> Result<Vec<u32>, Status> {
+        let p = self.session.position();
+        let mut drafts = Vec::with_capacity(k);
+        let mut t = t0;
+        {
+            let sp = self.speculative.as_ref().expect("speculative");
+            let exec = executor(&self.model, &self.scorer);
+            for _ in 0..k {
+                t = sp
+                    .draft
+                    .next(exec, &mut self.session, t)
+                    .map_err(|e| Status::internal(format!("draft: {e}")))?;
+                drafts.push(t);
+            }
+        }
+        self.session.truncate(p);
+        let mut feed = Vec::with_capacity(k + 1);
+        feed.push(t0);
+        feed.extend(&drafts);
+        let scores = self.forward(&feed, Rows::All)?;
+        let mut out = Vec::with_capacity(k + 1);
+        for (i, s) in scores.iter().enumerate() {
+            let v = self.sampler.sample(s);
+            out.push(v);
+            if i == k || v != drafts[i] {
+                break;
+            }
+        }
+        let accepted = out.len() - 1;
+        self.session.truncate(p + 1 + accepted);
+        self.stats.rounds += 1;
+        self.stats.drafted += k as u32;
+        self.stats.accepted += accepted as u32;
+        Ok(out)
+    }
+
+    fn try_step(&mut self) -> Result<Step, Status> {
+        let tokens = match self.pending {
+            None => {
+                let prompt = std::mem::take(&mut self.prompt);
+                let scores = self.forward(&prompt, Rows::Last);
+                self.prompt = prompt;
+                vec![self.sampler.sample(&scores?[0])]
+            }
+            Some(t0) => {
+                // Drafts beyond the tokens still wanted would be thrown away.
+                let left = self.max_tokens - self.generated.len();
+                let k = self.speculative.as_ref().map_or(0, |s| s.k.min(left - 1));
+                if k > 0 {
+                    self.speculate(t0, k)?
+                } else {
+                    let scores = self.forward(&[t0], Rows::Last)?;
+                    vec![self.sampler.sample(&scores[0])]
+                }
+            }
+        };
+        for t in tokens {
+            if let Some(done) = self.emit(t)? {
+                return Ok(done);
+            }
+            self.pending = Some(t);
+        }
         Ok(Step::Continue)
     }
 }

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod model;
 pub mod rpc;
 pub mod store;
+pub mod tuned;
 pub mod tuning;
 pub mod voting;
 

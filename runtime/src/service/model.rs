@@ -1,13 +1,15 @@
 //! The one place the service reads bundles: verification at install, loading at activation.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::Executor;
 use crate::bundle::{self, Bundle, BundleError, TrustPolicy};
 use crate::tokenizer::Tokenizer;
 
 use super::ServiceError;
+use super::tuned::TunedModel;
 
 /// What installing a bundle learned about it.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,8 +65,8 @@ pub struct Model {
     pub bundle: Bundle,
     pub executor: Executor,
     pub tokenizer: Option<Tokenizer>,
-    /// Exit heads (none until bundles carry them).
-    pub exits: u32,
+    /// Tuned models of this bundle loaded so far, by job id (see [`super::tuned`]).
+    pub tuned: Mutex<HashMap<String, Arc<TunedModel>>>,
 }
 
 impl Model {
@@ -77,7 +79,7 @@ impl Model {
             bundle,
             executor,
             tokenizer,
-            exits: 0,
+            tuned: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -11,10 +11,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::engine::Engine;
-use super::generate::{GenParams, Generation, parse_grpc_timeout};
+use super::generate::{Draft, GenParams, Generation, Speculative, parse_grpc_timeout};
 use super::model::{BundleInfo, Model, trust_policy, verify_bundle};
 use super::store::{BundleMeta, Kind, Store, check_sha};
-use super::{Limits, ServeConfig, ServiceError, tuning, voting};
+use super::{Limits, ServeConfig, ServiceError, tuned, tuning, voting};
 use crate::bundle::TrustPolicy;
 use crate::sampling::Sampling;
 
@@ -151,6 +151,23 @@ impl Runtime {
 
     fn model(&self) -> Option<Arc<Model>> {
         self.model.read().expect("model lock poisoned").clone()
+    }
+
+    /// How a request with `voting` and `tune_job` scores tokens on `model`.
+    async fn scorer(&self, model: &Arc<Model>, voting: i32, job: &str) -> Result<tuned::Scorer, Status> {
+        let mode = pb::VotingMode::try_from(voting)
+            .map_err(|_| Status::invalid_argument(format!("unknown voting mode {voting}")))?;
+        if job.is_empty() {
+            voting::check_mode(mode, 0, &[])?;
+            return Ok(tuned::Scorer::Base);
+        }
+        let root = self.store.root().join("jobs");
+        let (m, job) = (model.clone(), job.to_string());
+        let t = tokio::task::spawn_blocking(move || tuned::load(&root, &m, &job))
+            .await
+            .map_err(|e| Status::internal(format!("blocking task failed: {e}")))??;
+        let vote = voting::check_mode(mode, t.exits.heads.len(), &t.weights)?;
+        Ok(tuned::Scorer::Tuned { model: t, vote })
     }
 
     fn active_model(&self) -> Result<Arc<Model>, Status> {
@@ -313,6 +330,63 @@ impl Runtime {
         })
     }
 }
+
+/// The self-speculative settings of a Generate request, checked.
+fn speculative(
+    model: &Model,
+    scorer: &tuned::Scorer,
+    r: &pb::GenerateRequest,
+) -> Result<Option<Speculative>, Status> {
+    if r.draft_tokens == 0 {
+        if r.draft_layer.is_some() {
+            return Err(Status::invalid_argument("draft_layer needs draft_tokens > 0"));
+        }
+        return Ok(None);
+    }
+    if r.draft_tokens > MAX_DRAFT {
+        return Err(Status::invalid_argument(format!(
+            "draft_tokens {} is above {MAX_DRAFT}",
+            r.draft_tokens
+        )));
+    }
+    if r.temperature != 0.0 {
+        return Err(Status::invalid_argument(
+            "self-speculative decoding (draft_tokens) is greedy only: set temperature 0",
+        ));
+    }
+    let layers = model.bundle.graph().config.num_layers;
+    let (graph, params) = match scorer {
+        tuned::Scorer::Base => (model.bundle.graph(), None),
+        tuned::Scorer::Tuned { model: t, .. } => (t.executor.graph(), Some(&t.params)),
+    };
+    let layer = match r.draft_layer {
+        Some(l) => l as usize,
+        None => {
+            // The trained exit nearest half the depth, or half the depth.
+            let half = layers / 2;
+            params
+                .map(|p| {
+                    p.exits
+                        .iter()
+                        .map(|e| e.layer)
+                        .filter(|&l| l + 1 < layers)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .min_by_key(|&l| (l + 1).abs_diff(half))
+                .unwrap_or(half.saturating_sub(1))
+        }
+    };
+    let draft = Draft::new(graph, params, layer).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Some(Speculative {
+        k: r.draft_tokens as usize,
+        draft,
+    }))
+}
+
+/// Most tokens a speculative round may draft.
+const MAX_DRAFT: u32 = 16;
 
 #[tonic::async_trait]
 impl EdgeRuntime for Runtime {
@@ -506,9 +580,8 @@ impl EdgeRuntime for Runtime {
             .map(|d| Instant::now() + d);
         let r = request.into_inner();
         let model = self.active_model()?;
-        let voting = pb::VotingMode::try_from(r.voting)
-            .map_err(|_| Status::invalid_argument(format!("unknown voting mode {}", r.voting)))?;
-        let _vote = voting::check_mode(voting, model.exits)?;
+        let scorer = self.scorer(&model, r.voting, &r.tune_job).await?;
+        let speculative = speculative(&model, &scorer, &r)?;
         let limits = &self.limits;
         if !(r.temperature.is_finite() && r.temperature >= 0.0) {
             return Err(Status::invalid_argument(format!(
@@ -607,6 +680,8 @@ impl EdgeRuntime for Runtime {
             seed: r.seed,
             stop: r.stop,
             ignore_eos: r.ignore_eos,
+            scorer,
+            speculative,
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.engine
@@ -623,9 +698,7 @@ impl EdgeRuntime for Runtime {
         let r = request.into_inner();
         check_sha(&r.dataset_sha256)?;
         let model = self.active_model()?;
-        let voting = pb::VotingMode::try_from(r.voting)
-            .map_err(|_| Status::invalid_argument(format!("unknown voting mode {}", r.voting)))?;
-        voting::check_mode(voting, model.exits)?;
+        let scorer = self.scorer(&model, r.voting, &r.tune_job).await?;
         let Some(tok) = model.tokenizer.clone() else {
             return Err(Status::failed_precondition(
                 "the active bundle carries no tokenizer, so it cannot score a text",
@@ -657,28 +730,44 @@ impl EdgeRuntime for Runtime {
         })?;
         let max_chunks = (r.max_chunks > 0).then_some(r.max_chunks as usize);
         // One long computation: a blocking thread, holding a request slot.
-        let result = blocking(move || {
+        let reply = blocking(move || {
             let _slot = slot;
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| ServiceError::BadRequest(format!("the dataset is not UTF-8 text: {e}")))?;
             let tokens = tok.encode(&text)?;
             let bos = if tok.add_bos { tok.bos } else { None };
             // The text's own problems (shorter than one chunk) are the request's.
-            crate::eval::chunked_perplexity(&model.executor, &tokens, ctx, max_chunks, bos, |_, _| {})
-                .map(|p| (p, model.sha256.clone()))
-                .map_err(|e| ServiceError::BadRequest(e.to_string()))
+            let bad = |e: crate::RuntimeError| ServiceError::BadRequest(e.to_string());
+            let mut reply = pb::EvaluateReply {
+                bundle_sha256: model.sha256.clone(),
+                tune_job: scorer.job(),
+                ..Default::default()
+            };
+            match &scorer {
+                tuned::Scorer::Base => {
+                    let p = crate::eval::chunked_perplexity(
+                        &model.executor,
+                        &tokens,
+                        ctx,
+                        max_chunks,
+                        bos,
+                        |_, _| {},
+                    )
+                    .map_err(bad)?;
+                    reply.loss = p.loss;
+                    reply.perplexity = p.perplexity;
+                    reply.perplexity_stderr = p.perplexity_stderr;
+                    reply.tokens_scored = p.tokens_scored as u64;
+                    reply.chunks = p.chunks as u32;
+                }
+                tuned::Scorer::Tuned { model: t, vote } => {
+                    tuned::evaluate(t, vote, &tokens, ctx, max_chunks, bos, &mut reply).map_err(bad)?;
+                }
+            }
+            Ok(reply)
         })
         .await?;
-        let (p, sha) = result;
-        Ok(Response::new(pb::EvaluateReply {
-            loss: p.loss,
-            perplexity: p.perplexity,
-            perplexity_stderr: p.perplexity_stderr,
-            tokens_scored: p.tokens_scored as u64,
-            chunks: p.chunks as u32,
-            exits: vec![],
-            bundle_sha256: sha,
-        }))
+        Ok(Response::new(reply))
     }
 
     async fn status(

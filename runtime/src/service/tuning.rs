@@ -152,8 +152,15 @@ impl Jobs {
             }
             running.insert(id.clone(), cancel.clone());
         }
+        if let Err(e) = super::tuned::mark_bundle(&dir, &model.sha256) {
+            self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            return Err(e);
+        }
         let jobs = self.clone();
         tokio::task::spawn_blocking(move || {
+            // The final progress message waits until the job's voting weights are fitted,
+            // so a client that sees `done` can use every voting mode at once.
+            let mut done_msg = None;
             let result = (|| -> Result<JobEnd, Status> {
                 let tok = model
                     .tokenizer
@@ -163,7 +170,7 @@ impl Jobs {
                     .encode(&text)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 let g = model.bundle.graph();
-                run_job(g, &spec, tokens, &dir, &cancel, |p| {
+                let end = run_job(g, &spec, tokens.clone(), &dir, &cancel, |p| {
                     let msg = pb::TuneProgress {
                         job_id: id.clone(),
                         step: p.step as u32,
@@ -176,10 +183,20 @@ impl Jobs {
                         window_end: p.window.1 as u32,
                         done: p.done,
                     };
-                    // A client gone away does not stop the job (it stays resumable).
-                    let _ = tx.blocking_send(Ok(msg));
+                    if p.done {
+                        done_msg = Some(msg);
+                    } else {
+                        // A client gone away does not stop the job (it stays resumable).
+                        let _ = tx.blocking_send(Ok(msg));
+                    }
                 })
-                .map_err(|e| Status::invalid_argument(e.to_string()))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if let JobEnd::Finished { adapters } = &end
+                    && let Err(e) = super::tuned::fit_voting(&model, adapters, &tokens, spec.tune.seq)
+                {
+                    tracing::warn!("job {id}: fitting the voting weights failed: {e}");
+                }
+                Ok(end)
             })();
             match result {
                 Ok(JobEnd::Cancelled { at_step }) => {
@@ -187,7 +204,11 @@ impl Jobs {
                         "tuning job {id} cancelled at step {at_step} (checkpointed; Tune with resume continues it)"
                     ))));
                 }
-                Ok(JobEnd::Finished { .. }) => {}
+                Ok(JobEnd::Finished { .. }) => {
+                    if let Some(m) = done_msg {
+                        let _ = tx.blocking_send(Ok(m));
+                    }
+                }
                 Err(s) => {
                     let _ = tx.blocking_send(Err(s));
                 }
