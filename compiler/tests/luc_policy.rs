@@ -465,6 +465,52 @@ fn inconsistent_profiles_are_rejected() {
 }
 
 #[test]
+fn loss_fit_objective_scales_linear_nmse_by_fitted_gains() {
+    let mut p = edge_profile();
+    assert_eq!(p.layers.len(), 4);
+    // Layer 0's linear nmse costs 10x in loss, layer 2's 1x; layers 1 and 3 are not measured.
+    for (layer, g) in [(0, 10.0), (2, 1.0)] {
+        for c in [3, 7] {
+            let n = p.layers[layer].linears[0].nmse[c];
+            p.end_to_end.push(EndToEnd {
+                layer,
+                candidate: c,
+                loss_delta: g * n,
+            });
+        }
+    }
+    let problem = Problem::new(&p, Objective::LossFit).unwrap();
+    // Layer 1 is interpolated between its neighbours, layer 3 takes the last measured gain.
+    let want = [10.0, 5.5, 1.0, 1.0];
+    for (g, x) in problem.gains.iter().zip(want) {
+        assert!((g - x).abs() < 1e-9, "{:?}", problem.gains);
+    }
+    let linear = Problem::new(&p, Objective::LinearNmse).unwrap();
+    for (l, g) in want.iter().enumerate() {
+        for c in 0..p.candidates.len() {
+            let (a, b) = (problem.error(l, c), g * linear.error(l, c));
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1e-30),
+                "layer {l} candidate {c}: {a} vs {b}"
+            );
+        }
+    }
+    // Without deltas it is refused, naming the profile option that provides them.
+    let err = Problem::new(&edge_profile(), Objective::LossFit).unwrap_err();
+    assert!(err.contains("--e2e-layers all"), "{err}");
+    // With its gain of 10, layer 0 is pruned less than when every layer counts alike.
+    let b = Budget::parse("sparsity=0.3").unwrap();
+    let s = search::search(&problem, &b, Method::Optimal, &Options::default()).unwrap();
+    let u = search::search(&linear, &b, Method::Optimal, &Options::default()).unwrap();
+    assert!(
+        p.candidates[s.choice[0]].sparsity < p.candidates[u.choice[0]].sparsity,
+        "{:?} vs {:?}",
+        s.choice,
+        u.choice
+    );
+}
+
+#[test]
 fn loss_weighted_objective_fits_per_layer_weights() {
     let mut p = edge_profile();
     // Layer 0's nmse costs 10x in loss, layers 1..3 cost 1x; layer 3 has no measurement.

@@ -21,6 +21,7 @@ enum ObjectiveArg {
     Nmse,
     LossWeighted,
     LinearNmse,
+    LossFit,
 }
 
 impl ObjectiveArg {
@@ -29,6 +30,7 @@ impl ObjectiveArg {
             ObjectiveArg::Nmse => "nmse",
             ObjectiveArg::LossWeighted => "loss-weighted",
             ObjectiveArg::LinearNmse => "linear-nmse",
+            ObjectiveArg::LossFit => "loss-fit",
         }
     }
 }
@@ -63,9 +65,11 @@ pub struct PolicyArgs {
     /// How to choose the per-layer candidates.
     #[arg(long, value_enum, default_value = "optimal")]
     method: MethodArg,
-    /// Predicted error: the sum of layer nmse; each layer's nmse weighted by a per-layer
-    /// factor fitted on the profile's end-to-end loss deltas (a predicted loss increase); or
-    /// the sum over layers of the parameter-weighted mean of the linears' own output nmse.
+    /// Predicted error: `nmse` the sum of layer nmse; `loss-weighted` each layer's nmse
+    /// weighted by a per-layer factor fitted on the profile's end-to-end loss deltas;
+    /// `linear-nmse` the sum over layers of the parameter-weighted mean of the linears' own
+    /// output nmse; `loss-fit` that linear nmse times a per-layer loss gain fitted on the
+    /// end-to-end deltas (a predicted loss increase; profile with `--e2e-layers all`).
     #[arg(long, value_enum, default_value = "linear-nmse")]
     objective: ObjectiveArg,
     /// Largest dynamic-programming table for `optimal` (states).
@@ -86,6 +90,7 @@ pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
         ObjectiveArg::Nmse => Objective::Nmse,
         ObjectiveArg::LossWeighted => Objective::LossWeighted,
         ObjectiveArg::LinearNmse => Objective::LinearNmse,
+        ObjectiveArg::LossFit => Objective::LossFit,
     };
     let method = match a.method {
         MethodArg::Optimal => Method::Optimal,
@@ -187,6 +192,8 @@ fn print_report(problem: &Problem, budget: &Budget, sol: &Solution, objective: &
         "sum of layer nmse"
     } else if objective == "linear-nmse" {
         "sum over layers of the mean linear-output nmse"
+    } else if objective == "loss-fit" {
+        "sum over layers of the mean linear-output nmse times the layer's fitted loss gain: predicted loss increase"
     } else {
         "sum of loss-weighted layer nmse: predicted loss increase"
     };
@@ -234,6 +241,7 @@ fn report_json(problem: &Problem, budget: &Budget, sol: &Solution, objective: &s
         "sparsity": sol.usage.sparsity(),
         "bytes": sol.usage.bytes,
         "notes": sol.notes,
+        "loss_gains": problem.gains,
         "layers": layers,
     })
 }

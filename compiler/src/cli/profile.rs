@@ -82,10 +82,11 @@ pub struct ProfileArgs {
     /// Samples the layer output error is measured on.
     #[arg(long, default_value_t = 2)]
     layer_samples: usize,
-    /// Layers for the end-to-end loss deltas (default: 0, L/3, 2L/3 and the last, e.g.
-    /// 0,10,20,29 for 30 layers).
-    #[arg(long, value_delimiter = ',')]
-    e2e_layers: Option<Vec<usize>>,
+    /// Layers for the end-to-end loss deltas: a list, or `all` (what `edgec policy
+    /// --objective loss-fit` wants) (default: 0, L/3, 2L/3 and the last, e.g. 0,10,20,29 for
+    /// 30 layers).
+    #[arg(long)]
+    e2e_layers: Option<String>,
     /// Candidates (labels, e.g. `4b-g32-asym`) for the end-to-end loss deltas (default: the
     /// dense candidates of each bit-width).
     #[arg(long, value_delimiter = ',')]
@@ -170,8 +171,16 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
             .and_then(|seqs| samples_from_tokens(&seqs.concat(), a.samples, a.seq, None))
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", calib.display()))?;
-    let e2e_layers = match &a.e2e_layers {
-        Some(v) => v.clone(),
+    let e2e_layers = match a.e2e_layers.as_deref().map(str::trim) {
+        Some("all") => (0..layers).collect(),
+        Some(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("--e2e-layers: `{s}` is not a layer index (or use `all`)"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
         None => {
             let mut v: Vec<usize> = (0..4).map(|k| (k * layers / 3).min(layers - 1)).collect();
             v.dedup();

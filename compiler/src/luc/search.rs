@@ -8,7 +8,8 @@
 //! `w_l = Σ Δloss·nmse / Σ nmse²` over its measured pairs; a layer without pairs gets the
 //! mean of the fitted weights, and every weight is floored at 1% of that mean (a negative or
 //! zero fit is measurement noise, not a free layer). The predicted error is then a predicted
-//! loss increase.
+//! loss increase. [`Objective::LinearNmse`] replaces the layer-output NMSE by the linears'
+//! own output NMSE, and [`Objective::LossFit`] scales that by a loss gain fitted per layer.
 //!
 //! Methods ([`Method`]):
 //!
@@ -89,6 +90,14 @@ pub enum Objective {
     /// weights. Unlike the layer-output NMSE it is not shrunk by the residual stream, whose
     /// norm varies by orders of magnitude between layers.
     LinearNmse,
+    /// `Σ_l g_l · linear_nmse[l][c_l]`: the linear-output NMSE of [`Objective::LinearNmse`]
+    /// turned into a predicted calibration-loss increase by a gain `g_l` fitted per layer on
+    /// the profile's end-to-end deltas (least squares through the origin over the layer's
+    /// measured pairs). A layer without measured pairs takes the gain interpolated linearly
+    /// between its nearest measured neighbours (the nearest one at either end); every gain is
+    /// floored at 1% of the mean gain (a negative fit is noise, not a free layer). Profile with
+    /// `--e2e-layers all` so that every layer's gain is measured.
+    LossFit,
 }
 
 /// Search options.
@@ -116,6 +125,8 @@ pub struct Problem<'a> {
     pub profile: &'a Sensitivity,
     /// Per-layer error weight `w_l`.
     pub weights: Vec<f64>,
+    /// [`Objective::LossFit`]: the fitted loss gain `g_l` of each layer (else empty).
+    pub gains: Vec<f64>,
     /// `linear_err[l][c]` for [`Objective::LinearNmse`] (else empty).
     pub linear_err: Vec<Vec<f64>>,
     /// `usage[l][c]`.
@@ -192,11 +203,11 @@ impl<'a> Problem<'a> {
             }
         }
         let weights = match objective {
-            Objective::Nmse | Objective::LinearNmse => vec![1.0; profile.layers.len()],
+            Objective::Nmse | Objective::LinearNmse | Objective::LossFit => vec![1.0; profile.layers.len()],
             Objective::LossWeighted => loss_weights(profile)?,
         };
-        let linear_err = match objective {
-            Objective::LinearNmse => profile
+        let mut linear_err = match objective {
+            Objective::LinearNmse | Objective::LossFit => profile
                 .layers
                 .iter()
                 .map(|l| {
@@ -219,7 +230,15 @@ impl<'a> Problem<'a> {
                 .collect::<Result<Vec<Vec<f64>>, String>>()?,
             _ => vec![],
         };
+        let mut gains = vec![];
+        if objective == Objective::LossFit {
+            gains = loss_gains(profile, &linear_err)?;
+            for (row, g) in linear_err.iter_mut().zip(&gains) {
+                row.iter_mut().for_each(|e| *e *= g);
+            }
+        }
         Ok(Problem {
+            gains,
             profile,
             weights,
             linear_err,
@@ -345,6 +364,49 @@ fn loss_weights(p: &Sensitivity) -> Result<Vec<f64>, String> {
         .iter()
         .map(|w| w.unwrap_or(mean).max(0.01 * mean))
         .collect())
+}
+
+/// Per-layer gains for [`Objective::LossFit`] (see its docs): `err[l][c]` is the unscaled
+/// predicted error of candidate `c` at layer `l`.
+fn loss_gains(p: &Sensitivity, err: &[Vec<f64>]) -> Result<Vec<f64>, String> {
+    let n = err.len();
+    let (mut num, mut den) = (vec![0.0; n], vec![0.0; n]);
+    for e in &p.end_to_end {
+        let x = err[e.layer][e.candidate];
+        num[e.layer] += e.loss_delta * x;
+        den[e.layer] += x * x;
+    }
+    let known: Vec<(usize, f64)> = (0..n)
+        .filter(|&l| den[l] > 0.0)
+        .map(|l| (l, num[l] / den[l]))
+        .collect();
+    if known.is_empty() {
+        return Err(
+            "--objective loss-fit needs end-to-end loss deltas of candidates with a non-zero \
+                    linear nmse in the profile (profile with --e2e-layers all)"
+                .into(),
+        );
+    }
+    let mean = known.iter().map(|k| k.1).sum::<f64>() / known.len() as f64;
+    if mean <= 0.0 {
+        return Err(format!(
+            "the end-to-end loss deltas fit a mean gain of {mean:.3e} (<= 0): they do not predict loss"
+        ));
+    }
+    let at = |l: usize| -> f64 {
+        let after = known.iter().position(|k| k.0 >= l);
+        match after {
+            Some(i) if known[i].0 == l => known[i].1,
+            Some(0) => known[0].1,
+            None => known[known.len() - 1].1,
+            Some(i) => {
+                let (l0, g0) = known[i - 1];
+                let (l1, g1) = known[i];
+                g0 + (g1 - g0) * (l - l0) as f64 / (l1 - l0) as f64
+            }
+        }
+    };
+    Ok((0..n).map(|l| at(l).max(0.01 * mean)).collect())
 }
 
 /// The details of an `edge-llm` policy (see the module docs for the formulas).
