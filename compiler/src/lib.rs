@@ -8,4 +8,5 @@ pub mod codegen;
 pub mod eval;
 pub mod frontend;
 pub mod luc;
+pub mod schedule;
 pub mod target;

@@ -24,13 +24,59 @@ pub struct InspectArgs {
     /// With --train: recompute each window layer's activations before its backward.
     #[arg(long, requires = "train")]
     recompute: bool,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     /// Print a JSON document instead of text.
     #[arg(long)]
     json: bool,
 }
 
+/// `--schedule`: the scheduling pass's plan for a target (`docs/schedule.md`).
+#[derive(Args)]
+pub struct ScheduleArgs {
+    /// Print the plan of the scheduling pass for --target: each op's cost, tile, threads,
+    /// residency, predicted time and memory; the arena and the budget's split.
+    #[arg(long)]
+    schedule: bool,
+    /// Target of the plan (a name or a .toml path; `host` is this machine).
+    #[arg(long, requires = "schedule", default_value = "host")]
+    target: String,
+    /// Folder to look for target names in first.
+    #[arg(long, requires = "schedule")]
+    targets_dir: Option<std::path::PathBuf>,
+    /// Memory the plan may use (e.g. 150MB, 1.5GiB); default: the target's budget.
+    #[arg(long, requires = "schedule", value_parser = edgec::target::parse_size)]
+    memory_budget: Option<u64>,
+    /// Positions of the KV cache the plan holds.
+    #[arg(long, requires = "schedule", default_value_t = 512)]
+    ctx: usize,
+    /// Token rows of the planned step (default: a prefill of the whole --ctx); with
+    /// --past, a step after that many cached positions.
+    #[arg(long, requires = "schedule")]
+    rows: Option<usize>,
+    /// Cached positions before the planned step.
+    #[arg(long, requires = "schedule", default_value_t = 0)]
+    past: usize,
+    /// With --train: tokens of a tuning sample (plans keep vs recompute of the window).
+    #[arg(long, requires = "schedule", default_value_t = 256)]
+    seq: usize,
+    /// Also time every op on this machine (the step of --rows/--past) and compare with the
+    /// predictions: per op kind, Spearman rank correlation, total error.
+    #[arg(long, requires = "schedule")]
+    measure: bool,
+    /// Repetitions of each timed op (the median is kept).
+    #[arg(long, requires = "measure", default_value_t = 9)]
+    reps: usize,
+    /// Kernels of the measured run.
+    #[arg(long, requires = "measure", value_enum, default_value = "jit")]
+    kernels: edgec::codegen::KernelMode,
+}
+
 pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     let m = super::load_model(&a.model, &LoadOptions::default())?;
+    if a.schedule.schedule {
+        return schedule(&a, m.graph);
+    }
     let g = &m.graph;
     let c = &g.config;
     let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
@@ -125,6 +171,85 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             WindowSpec::new(s..=e, e, c.num_layers)?.with_recompute(a.recompute),
         )?;
         print!("{tg}");
+    }
+    Ok(())
+}
+
+/// The window `A:B` of `--train`.
+fn parse_window(w: &str) -> anyhow::Result<(usize, usize)> {
+    let (s, e) = w
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--train takes A:B (got `{w}`)"))?;
+    Ok((s.trim().parse()?, e.trim().parse()?))
+}
+
+/// `--schedule`: plans the graph, prints the plan, optionally times it here.
+fn schedule(a: &InspectArgs, graph: edge_runtime::ir::Graph) -> anyhow::Result<()> {
+    use edgec::schedule::{self, Options, cost::Workload, measure};
+    let sa = &a.schedule;
+    let t = edgec::target::resolve(&sa.target, sa.targets_dir.as_deref())?;
+    anyhow::ensure!(sa.ctx > 0, "--ctx must be positive");
+    let rows = sa.rows.unwrap_or(sa.ctx.saturating_sub(sa.past));
+    anyhow::ensure!(
+        rows > 0 && sa.past + rows <= sa.ctx,
+        "--past {} + --rows {rows} must be within --ctx {}",
+        sa.past,
+        sa.ctx
+    );
+    let mut o = Options::for_context(sa.ctx);
+    o.budget = sa.memory_budget;
+    o.workload = Workload {
+        rows,
+        past: sa.past,
+        out_rows: 1,
+    };
+    if let Some(w) = &a.train {
+        let (s, e) = parse_window(w)?;
+        o.train = Some((s..=e, sa.seq));
+    }
+    let (graph, plan) = schedule::schedule(graph, &t, &o)?;
+    let comparison = if sa.measure {
+        let exec = edgec::codegen::executor(std::sync::Arc::new(graph), sa.kernels)?;
+        let pb = super::progress_bar(plan.ops.len() as u64, "timing ops");
+        let m = measure::measure(&exec, &o.workload, sa.reps, |d, _| pb.set_position(d as u64))?;
+        pb.finish_and_clear();
+        Some((measure::compare(&plan, &m), m))
+    } else {
+        None
+    };
+    if a.json {
+        let doc = json!({
+            "target": t,
+            "schedule": plan,
+            "measured": comparison.as_ref().map(|(c, m)| json!({"comparison": c, "node_seconds": m.node_seconds, "reps": m.reps})),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    print!("{plan}");
+    if let Some((c, _)) = comparison {
+        println!(
+            "\nmeasured on this machine ({} rows after {}), seconds summed per op kind:",
+            c.workload.rows, c.workload.past
+        );
+        println!(
+            "  {:<12} {:>12} {:>12} {:>8}",
+            "op", "predicted ms", "measured ms", "ratio"
+        );
+        for (k, p, m) in &c.kinds {
+            println!("  {k:<12} {:>12.3} {:>12.3} {:>8.2}", p * 1e3, m * 1e3, p / m);
+        }
+        println!(
+            "  step: predicted {:.3} ms, measured {:.3} ms (ops alone {:.3} ms): total error {:+.1}%",
+            c.predicted_seconds * 1e3,
+            c.measured_step_seconds * 1e3,
+            c.measured_nodes_seconds * 1e3,
+            c.total_error * 100.0
+        );
+        println!(
+            "  Spearman rank correlation: {:.3} over op kinds, {:.3} over ops",
+            c.spearman_kinds, c.spearman_nodes
+        );
     }
     Ok(())
 }

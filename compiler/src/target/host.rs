@@ -122,5 +122,6 @@ pub fn detect_target(name: &str, description: &str, fraction: f64, fixed: Option
         budget_bytes: fixed.unwrap_or((available as f64 * fraction) as u64).min(total),
         detected: true,
         path: Default::default(),
+        efficiency: Default::default(),
     }
 }

@@ -80,6 +80,35 @@ pub struct Target {
     pub detected: bool,
     /// The file it came from.
     pub path: PathBuf,
+    /// How much of the peaks the runtime's kernels reach (the scheduler's cost model).
+    pub efficiency: Efficiency,
+}
+
+/// The fraction of the peak figures the runtime reaches and its fixed costs, for the
+/// scheduler's cost model (`[efficiency]`, optional; `docs/schedule.md`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Efficiency {
+    /// Fraction of `peak_gflops.f32` the kernels sustain, (0, 1].
+    pub compute: f64,
+    /// Factor on the memory levels' bandwidths, (0, 4] (above 1 when several cores read
+    /// more than a single-thread measurement shows).
+    pub bandwidth: f64,
+    /// Fixed cost of one op (dispatch, allocation), microseconds, >= 0.
+    pub op_overhead_us: f64,
+    /// Extra fixed cost of an op split over threads (fork and join), microseconds, >= 0.
+    pub parallel_overhead_us: f64,
+}
+
+impl Default for Efficiency {
+    /// Figures of a well-tuned CPU runtime, for targets that were not measured.
+    fn default() -> Self {
+        Efficiency {
+            compute: 0.5,
+            bandwidth: 0.8,
+            op_overhead_us: 2.0,
+            parallel_overhead_us: 10.0,
+        }
+    }
 }
 
 // ---- the file's schema ----
@@ -197,6 +226,15 @@ struct FilePeak {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileEfficiency {
+    compute: Option<Spanned<f64>>,
+    bandwidth: Option<Spanned<f64>>,
+    op_overhead_us: Option<Spanned<f64>>,
+    parallel_overhead_us: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileBudget {
     model_memory: Option<Spanned<ByteSize>>,
     /// Host only: the budget as a fraction of the machine's available memory.
@@ -218,6 +256,7 @@ struct FileTarget {
     memory: Spanned<Vec<FileMemory>>,
     peak_gflops: FilePeak,
     budget: FileBudget,
+    efficiency: Option<FileEfficiency>,
 }
 
 /// The machine the compiler runs on (`detect = true`).
@@ -229,6 +268,7 @@ struct HostFile {
     #[allow(dead_code)]
     detect: bool,
     budget: Option<FileBudget>,
+    efficiency: Option<FileEfficiency>,
 }
 
 /// Line and column (1-based) of a byte offset.
@@ -326,6 +366,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Target, TargetError> {
         };
         let mut t = host::detect_target(&name, &f.description, fraction, fixed);
         t.path = path.to_path_buf();
+        t.efficiency = efficiency(&cx, f.efficiency.as_ref())?;
         return Ok(t);
     }
     let f: FileTarget = toml::from_str(src).map_err(|e| cx.toml_err(e))?;
@@ -435,7 +476,47 @@ pub fn parse(path: &Path, src: &str) -> Result<Target, TargetError> {
         budget_bytes,
         detected: false,
         path: path.to_path_buf(),
+        efficiency: efficiency(&cx, f.efficiency.as_ref())?,
     })
+}
+
+/// The `[efficiency]` table, defaults for what it leaves out.
+fn efficiency(cx: &Ctx, f: Option<&FileEfficiency>) -> Result<Efficiency, TargetError> {
+    let mut e = Efficiency::default();
+    let Some(f) = f else { return Ok(e) };
+    let range = |v: &Option<Spanned<f64>>, key: &str, lo: f64, hi: f64, lo_open: bool| {
+        v.as_ref()
+            .map(|v| {
+                let x = *v.get_ref();
+                let ok = x.is_finite() && x <= hi && if lo_open { x > lo } else { x >= lo };
+                if ok {
+                    Ok(x)
+                } else {
+                    let open = if lo_open { "(" } else { "[" };
+                    Err(cx.err(v.span(), key, format!("must be in {open}{lo}, {hi}], got {x}")))
+                }
+            })
+            .transpose()
+    };
+    if let Some(x) = range(&f.compute, "efficiency.compute", 0.0, 1.0, true)? {
+        e.compute = x;
+    }
+    if let Some(x) = range(&f.bandwidth, "efficiency.bandwidth", 0.0, 4.0, true)? {
+        e.bandwidth = x;
+    }
+    if let Some(x) = range(&f.op_overhead_us, "efficiency.op_overhead_us", 0.0, 1e6, false)? {
+        e.op_overhead_us = x;
+    }
+    if let Some(x) = range(
+        &f.parallel_overhead_us,
+        "efficiency.parallel_overhead_us",
+        0.0,
+        1e6,
+        false,
+    )? {
+        e.parallel_overhead_us = x;
+    }
+    Ok(e)
 }
 
 fn budget_fraction(cx: &Ctx, b: Option<&FileBudget>) -> Result<f64, TargetError> {
@@ -609,6 +690,12 @@ impl Target {
             s,
             "\n[budget]\nmodel_memory = {}",
             q(&format_size(self.budget_bytes))
+        );
+        let e = &self.efficiency;
+        let _ = writeln!(
+            s,
+            "\n[efficiency]\ncompute = {:?}\nbandwidth = {:?}\nop_overhead_us = {:?}\nparallel_overhead_us = {:?}",
+            e.compute, e.bandwidth, e.op_overhead_us, e.parallel_overhead_us
         );
         s
     }
