@@ -7,8 +7,6 @@ use std::process::ExitCode;
 
 use peakmem_alloc::{INSTRUMENTED_SYSTEM, PeakMemAlloc, PeakMemAllocTrait};
 
-use clap::Parser;
-
 /// The system allocator with a peak counter, so that `edgec tune` can report the heap its
 /// tuning needs beyond the loaded model (activations, gradients, optimizer state, caches).
 #[global_allocator]
@@ -41,7 +39,7 @@ fn main() -> ExitCode {
         }
         default_hook(info);
     }));
-    let args = cli::Cli::parse();
+    let args = cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

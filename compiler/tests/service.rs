@@ -1092,6 +1092,81 @@ fn tune_on_the_device_and_export_adapters() {
             std::fs::write(adapters.join(name), bytes).unwrap();
         }
         tuned_generation_matches_local(&mut c, &s, &b1, &job, &adapters, &sha).await;
+        // The same files through `edgec adapters`, and a short tune through `edgec tune --device`.
+        let out = s.path("exported");
+        let v = s.edgec_json(&[
+            "adapters",
+            "--device",
+            &dev.url,
+            "--job",
+            &job,
+            "-o",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(v["files"].as_array().unwrap().len(), files.len(), "{v}");
+        for (name, bytes) in &files {
+            assert_eq!(&std::fs::read(out.join(name)).unwrap(), bytes, "{name}");
+        }
+        let again = s.edgec(&["adapters", "--device", &dev.url, "-o", out.to_str().unwrap()]);
+        assert!(
+            !again.status.success(),
+            "an existing directory is kept without --force"
+        );
+        let tuned_dir = s.path("cli-tuned");
+        let cli = s.edgec(&[
+            "tune",
+            "--device",
+            &dev.url,
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--seq",
+            "32",
+            "--rank",
+            "2",
+            "--stride",
+            "2",
+            "--lr",
+            "0.01",
+            "--json",
+            "-o",
+            tuned_dir.to_str().unwrap(),
+        ]);
+        assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+        let lines: Vec<serde_json::Value> = String::from_utf8(cli.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let summary = lines.last().unwrap();
+        let cli_job = summary["job_id"].as_str().unwrap().to_string();
+        assert_ne!(cli_job, job);
+        assert_eq!(lines.iter().filter(|l| l["done"] == true).count(), 1, "{lines:?}");
+        assert_eq!(lines[lines.len() - 2]["step"], 4);
+        assert!(
+            tuned_dir.join("adapter_model.safetensors").is_file() && tuned_dir.join("voting.json").is_file()
+        );
+        let g = s.edgec_json(&[
+            "remote-generate",
+            "--device",
+            &dev.url,
+            "--prompt-tokens",
+            "1,2,3",
+            "-n",
+            "5",
+            "--ignore-eos",
+            "--tune-job",
+            &cli_job,
+            "--voting",
+            "weighted",
+            "--draft-tokens",
+            "2",
+            "--json",
+        ]);
+        assert_eq!(g["tokens"].as_array().unwrap().len(), 5, "{g}");
+        assert_eq!(g["tune_job"], cli_job.as_str());
         // A dataset the device does not hold.
         let e = c
             .tune(pb::TuneRequest {

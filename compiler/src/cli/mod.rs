@@ -1,5 +1,6 @@
 //! Subcommands of `edgec`.
 
+mod adapters;
 mod bench;
 mod build;
 mod compress;
@@ -14,6 +15,7 @@ mod profile;
 mod remote_generate;
 mod status;
 mod tune;
+mod tune_device;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -66,6 +68,22 @@ enum Command {
     Status(status::StatusArgs),
     /// Generate text on a device (streamed over gRPC).
     RemoteGenerate(remote_generate::RemoteGenerateArgs),
+    /// Export a device's tuned adapters (PEFT's layout) to a directory.
+    Adapters(adapters::AdaptersArgs),
+    /// `edgec tune --device URL ...` (see [`parse`]).
+    #[command(name = "tune-device", hide = true)]
+    TuneDevice(tune_device::DeviceTuneArgs),
+}
+
+/// Parses the command line. `edgec tune --device URL ...` tunes on a device: it has its own
+/// arguments (`tune_device`), so it is parsed as the hidden `tune-device` command.
+pub fn parse() -> Cli {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let device = |a: &std::ffi::OsString| a == "--device" || a.to_string_lossy().starts_with("--device=");
+    if args.get(1).is_some_and(|a| a == "tune") && args.iter().skip(2).any(device) {
+        args[1] = "tune-device".into();
+    }
+    Cli::parse_from(args)
 }
 
 /// Runs the command inside a rayon pool of `--threads` workers (all cores by default), so
@@ -85,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(_) => None,
         Command::Policy(_) => None,
         Command::Deploy(_) | Command::Status(_) | Command::RemoteGenerate(_) => None,
+        Command::Adapters(_) | Command::TuneDevice(_) => None,
     };
     if threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
@@ -113,6 +132,8 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Deploy(a) => deploy::run(a),
         Command::Status(a) => status::run(a),
         Command::RemoteGenerate(a) => remote_generate::run(a),
+        Command::Adapters(a) => adapters::run(a),
+        Command::TuneDevice(a) => tune_device::run(a),
     }
 }
 

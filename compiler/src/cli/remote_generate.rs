@@ -49,6 +49,18 @@ pub struct RemoteGenerateArgs {
     /// Keep generating past an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Run a tuned model: a device tuning job's id (`edgec tune --device`), or `latest`.
+    /// Voting modes other than `last` need one.
+    #[arg(long)]
+    tune_job: Option<String>,
+    /// Self-speculative decoding: draft this many tokens per round with an early exit,
+    /// verified at full depth in one pass (greedy only; same output as plain decoding).
+    #[arg(long, default_value_t = 0)]
+    draft_tokens: u32,
+    /// The decoder layer (0-based) whose exit drafts (default: the tuned exit nearest half
+    /// the depth).
+    #[arg(long, requires = "draft_tokens")]
+    draft_layer: Option<u32>,
     /// Print a JSON object (token ids, text, finish reason, timings).
     #[arg(long)]
     json: bool,
@@ -80,7 +92,9 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         prompt_tokens: a.prompt_tokens.clone().unwrap_or_default(),
-        ..Default::default()
+        tune_job: a.tune_job.clone().unwrap_or_default(),
+        draft_tokens: a.draft_tokens,
+        draft_layer: a.draft_layer,
     };
     let rt = tokio_runtime()?;
     rt.block_on(async {
@@ -129,6 +143,10 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
                             "prompt_tokens": msg.prompt_tokens,
                             "first_token_seconds": msg.first_token_seconds,
                             "decode_tokens_per_s": msg.decode_tokens_per_second,
+                            "tune_job": msg.tune_job,
+                            "speculative_rounds": msg.speculative_rounds,
+                            "draft_tokens": msg.draft_tokens,
+                            "accepted_draft_tokens": msg.accepted_draft_tokens,
                         })
                     );
                 } else {
@@ -137,6 +155,15 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
                         "[{} prompt tokens; {} generated at {:.1} tokens/s; finished: {reason}]",
                         msg.prompt_tokens, msg.generated_tokens, msg.decode_tokens_per_second
                     );
+                    if msg.speculative_rounds > 0 {
+                        eprintln!(
+                            "[speculative: {} rounds, {} of {} drafts accepted, {:.2} per round]",
+                            msg.speculative_rounds,
+                            msg.accepted_draft_tokens,
+                            msg.draft_tokens,
+                            msg.accepted_draft_tokens as f64 / msg.speculative_rounds as f64
+                        );
+                    }
                 }
                 return Ok(());
             }

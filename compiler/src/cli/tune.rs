@@ -31,7 +31,8 @@ goes only through those layers, and nothing above exit p runs. With the prefix c
 the frozen layers below the window run once per sample per phase.\n\n\
 The output directory gets adapter_model.safetensors + adapter_config.json (PEFT's layout and \
 names: PeftModel.from_pretrained loads them on the same base model), exit_heads.safetensors \
-(the exits' norms), voting.json (weights fitted on --valid) and checkpoints/.")]
+(the exits' norms), voting.json (weights fitted on --valid) and checkpoints/.\n\n\
+With --device URL, tunes on a device instead: `edgec tune --device URL --help`.")]
 pub struct TuneArgs {
     #[command(flatten)]
     model: super::ModelArgs,

@@ -1,6 +1,7 @@
 //! Talking to devices that run `edge-runtime serve`: connection with the bearer token
 //! (and TLS for `https://` URLs), and the upload protocol with resume ([`deploy`]).
 
+pub mod adapters;
 pub mod deploy;
 
 use std::path::Path;
@@ -131,4 +132,13 @@ pub fn read_device_list(path: &Path) -> Result<Vec<String>, ClientError> {
         .filter(|l| !l.is_empty())
         .map(str::to_string)
         .collect())
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

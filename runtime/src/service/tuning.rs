@@ -198,22 +198,19 @@ impl Jobs {
                 }
                 Ok(end)
             })();
-            match result {
-                Ok(JobEnd::Cancelled { at_step }) => {
-                    let _ = tx.blocking_send(Err(Status::cancelled(format!(
-                        "tuning job {id} cancelled at step {at_step} (checkpointed; Tune with resume continues it)"
-                    ))));
-                }
-                Ok(JobEnd::Finished { .. }) => {
-                    if let Some(m) = done_msg {
-                        let _ = tx.blocking_send(Ok(m));
-                    }
-                }
-                Err(s) => {
-                    let _ = tx.blocking_send(Err(s));
-                }
-            }
+            let last = match result {
+                Ok(JobEnd::Cancelled { at_step }) => Some(Err(Status::cancelled(format!(
+                    "tuning job {id} cancelled at step {at_step} (checkpointed; Tune with resume continues it)"
+                )))),
+                Ok(JobEnd::Finished { .. }) => done_msg.map(Ok),
+                Err(s) => Some(Err(s)),
+            };
+            // The job is over before its last message goes out, so a client that reads it
+            // can start the next job at once.
             jobs.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            if let Some(m) = last {
+                let _ = tx.blocking_send(m);
+            }
         });
         Ok(())
     }
