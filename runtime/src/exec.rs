@@ -65,6 +65,8 @@ pub struct Executor {
     last_use: Vec<usize>,
     /// JIT kernels for compressed weights (`Op::Linear` uses them when present).
     kernels: Option<Arc<crate::jit::KernelSet>>,
+    /// Streamed weights to release after each node (empty: everything stays resident).
+    release: Vec<Vec<crate::ir::WeightId>>,
 }
 
 impl Executor {
@@ -81,7 +83,35 @@ impl Executor {
             graph,
             last_use,
             kernels: None,
+            release: vec![],
         })
+    }
+
+    /// Follows a schedule's residency: the pages of each weight of `streamed` are released
+    /// after every node that reads it (`exec_stream`), so only the running op's streamed
+    /// weight is held. Weight ids out of range are an error.
+    pub fn with_streamed_weights(mut self, streamed: &[crate::ir::WeightId]) -> Result<Self> {
+        let g = &*self.graph;
+        if let Some(bad) = streamed.iter().find(|w| w.0 >= g.weights.len()) {
+            return Err(RuntimeError::Invalid(format!(
+                "streamed weight {} does not exist ({} weights)",
+                bad.0,
+                g.weights.len()
+            )));
+        }
+        self.release = g
+            .nodes
+            .iter()
+            .map(|n| {
+                let w = match &n.op {
+                    Op::Embedding { table } => Some(*table),
+                    Op::RmsNorm { weight, .. } | Op::Linear { weight } => Some(*weight),
+                    _ => None,
+                };
+                w.filter(|w| streamed.contains(w)).into_iter().collect()
+            })
+            .collect();
+        Ok(self)
     }
 
     /// An executor whose linear ops on compressed weights run the JIT kernels of
@@ -327,12 +357,25 @@ impl Executor {
                 }
             };
             nrows[node.output.0] = r_out;
+            // A kept value no later node reads (the logits) moves to the caller: no copy.
+            let unread = self.last_use[node.output.0] <= idx;
+            let wanted = keep.iter().filter(|k| **k == node.output).count();
+            let mut out = Some(out);
             for (slot, k) in kept.iter_mut().zip(keep) {
                 if *k == node.output {
-                    *slot = Some(out.clone());
+                    *slot = if unread && wanted == 1 {
+                        out.take()
+                    } else {
+                        out.clone()
+                    };
                 }
             }
-            vals[node.output.0] = Some(out);
+            vals[node.output.0] = out;
+            if let Some(ws) = self.release.get(idx) {
+                for w in ws {
+                    crate::exec_stream::release_weight(&g.weight(*w).data);
+                }
+            }
             for v in &node.inputs {
                 if self.last_use[v.0] == idx {
                     vals[v.0] = None;

@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod error;
 pub mod eval;
 pub mod exec;
+pub mod exec_stream;
 pub mod format;
 pub mod ir;
 pub mod jit;

@@ -139,14 +139,16 @@ impl BundleArgs {
     /// were JIT-compiled.
     fn executor(&self, b: &Bundle) -> anyhow::Result<(Executor, usize)> {
         let sources = b.kernel_sources();
+        // The bundle's schedule says which weights to stream (release after each use).
+        let streamed = b.streamed_weights();
         if self.kernels == Kernels::Reference || sources.is_empty() {
-            return Ok((Executor::new(b.graph_arc())?, 0));
+            return Ok((Executor::new(b.graph_arc())?.with_streamed_weights(&streamed)?, 0));
         }
         let set = edge_runtime::jit::KernelSet::compile(&sources)
             .with_context(|| format!("{}: compiling its kernels", b.path().display()))?;
         let n = set.functions();
         Ok((
-            Executor::with_kernels(b.graph_arc(), std::sync::Arc::new(set))?,
+            Executor::with_kernels(b.graph_arc(), std::sync::Arc::new(set))?.with_streamed_weights(&streamed)?,
             n,
         ))
     }

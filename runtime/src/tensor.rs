@@ -134,6 +134,10 @@ impl Tensor {
     pub fn raw(&self) -> &[u8] {
         self.bytes.as_slice()
     }
+    /// Where the bytes are (a mapped file range or owned values).
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
 
     /// The values as f32 if the tensor is stored as f32.
     pub fn f32s(&self) -> Option<&[f32]> {

@@ -8,15 +8,17 @@ use edge_runtime::bundle::{self, BundleContents, SigningKey, manifest};
 use edge_runtime::ir::Graph;
 use edgec::luc::compress::compress_graph;
 use edgec::luc::policy::Policy;
-use edgec::target::{self, Target, format_size};
+use edgec::schedule::{self, Schedule};
+use edgec::target::{self, Target};
 
 #[derive(Args)]
 #[command(
     after_help = "TARGETS\n  --target takes a name (NAME.toml in --targets-dir, ./targets or the repository's \
 targets/) or a path to a .toml file; `host` describes this machine. With one --target, -o is the bundle \
 file; with several, -o is a directory that receives <target>.edgeb for each.\n\nSTEPS\n  Load the model, \
-compress it by --policy (as `edgec compress`), check that the weights fit each target's memory budget, \
-generate the kernels of the compressed weights (each compiled for the target's ISA with Cranelift), \
+compress it by --policy (as `edgec compress`), plan it for each target (the scheduling pass: cost, \
+tiling, residency or streaming of each weight under --memory-budget or the target's budget, arena, \
+threads; a budget no plan meets is an error saying by how much), generate the kernels of the compressed weights (each compiled for the target's ISA with Cranelift), \
 and write each bundle (graph, tokenizer, policy, kernel table, weights, target, signature) to a temporary \
 file that is renamed into place once complete."
 )]
@@ -51,6 +53,18 @@ pub struct BuildArgs {
     /// Output: the bundle file (one target) or a directory (several).
     #[arg(long, short = 'o')]
     output: PathBuf,
+    /// Memory the model may use on the device (e.g. 150MB, 1.5GiB), replacing each target's
+    /// budget.model_memory. The scheduling pass streams weights (reads each per use and
+    /// releases it after) when the model does not fit; a budget no plan meets is an error.
+    #[arg(long, value_parser = edgec::target::parse_size)]
+    memory_budget: Option<u64>,
+    /// Positions of the KV cache the plan reserves memory for (the device's longest context).
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Memory the runtime process needs besides the plan's weights and buffers (code,
+    /// tokenizer, allocator slack); default: measured for a SmolLM2-sized vocabulary.
+    #[arg(long, value_parser = edgec::target::parse_size)]
+    runtime_memory: Option<u64>,
     /// Print a JSON report instead of text.
     #[arg(long)]
     json: bool,
@@ -59,34 +73,6 @@ pub struct BuildArgs {
 impl BuildArgs {
     pub fn threads(&self) -> Option<usize> {
         self.model.threads
-    }
-}
-
-/// The weights must fit the target's model budget.
-fn check_budget(t: &Target, graph: &Graph) -> anyhow::Result<()> {
-    let need = graph.weight_bytes() as u64;
-    if need > t.budget_bytes {
-        anyhow::bail!(
-            "target `{}` ({}): the model's weights need {need} bytes ({}), its budget.model_memory is {} bytes \
-({}): over by {} bytes ({}); compress with a smaller --policy or raise the budget",
-            t.name,
-            t.path.display(),
-            format_size_approx(need),
-            t.budget_bytes,
-            format_size(t.budget_bytes),
-            need - t.budget_bytes,
-            format_size_approx(need - t.budget_bytes),
-        );
-    }
-    Ok(())
-}
-
-fn format_size_approx(b: u64) -> String {
-    let mib = b as f64 / (1u64 << 20) as f64;
-    if mib >= 1024.0 {
-        format!("{:.2} GiB", mib / 1024.0)
-    } else {
-        format!("{mib:.2} MiB")
     }
 }
 
@@ -183,13 +169,28 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         None => (model.graph.clone(), String::new()),
     };
     let mut kernels = vec![];
+    let mut plans: Vec<Schedule> = vec![];
+    let mut opts = schedule::Options::for_context(a.ctx);
+    opts.budget = a.memory_budget;
+    if let Some(r) = a.runtime_memory {
+        opts.runtime_bytes = r;
+    }
+    let mut graph = graph;
     for t in &targets {
-        check_budget(t, &graph)?;
+        let (g, plan) = schedule::schedule(graph, t, &opts)?;
+        graph = g;
+        tracing::info!(
+            "target {}: {} weights streamed, planned peak {} bytes",
+            t.name,
+            plan.streamed_weights().len(),
+            plan.memory.total()
+        );
+        plans.push(plan);
         kernels.push(kernel_table(t, &graph)?);
     }
     let source = a.model.model.display().to_string();
     let mut report = vec![];
-    for ((t, path), kernels) in targets.iter().zip(&paths).zip(kernels) {
+    for (((t, path), kernels), plan) in targets.iter().zip(&paths).zip(kernels).zip(&plans) {
         let contents = BundleContents {
             graph: &graph,
             tokenizer: model.tokenizer.as_ref(),
@@ -200,9 +201,16 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             source: source.clone(),
         };
         let pb = super::progress_bar(graph.weights.len() as u64, &format!("writing {}", t.name));
-        let written = bundle::write_bundle(path, &contents, key.as_ref(), |done, _| {
-            pb.set_position(done as u64)
-        })?;
+        let sched = manifest::Schedule {
+            plan_json: serde_json::to_string(plan)?,
+            streamed_weights: plan.streamed_weights().iter().map(|&w| w as u32).collect(),
+            memory_budget: plan.memory.budget,
+            context: plan.context as u64,
+        };
+        let written =
+            bundle::write_scheduled_bundle(path, &contents, Some(sched), key.as_ref(), |done, _| {
+                pb.set_position(done as u64)
+            })?;
         pb.finish_and_clear();
         report.push(serde_json::json!({
             "target": t.name,
@@ -212,16 +220,23 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             "sha256": bundle::hex(&written.sha256),
             "signed": written.signed,
             "weight_bytes": graph.weight_bytes(),
-            "budget_bytes": t.budget_bytes,
+            "budget_bytes": plan.memory.budget,
+            "planned_bytes": plan.memory.total(),
+            "streamed_weights": plan.streamed_weights().len(),
+            "streamed_bytes": plan.residency.streamed_bytes,
+            "predicted_decode_ms": plan.decode_seconds * 1e3,
             "kernels": contents.kernels.len(),
             "runs_on_this_machine": t.runs_here(),
         }));
         if !a.json {
             println!(
-                "{}  {} bytes  {} kernels  sha256 {}  target {} ({}){}",
+                "{}  {} bytes  {} kernels  plan {} of {} ({} weights streamed)  sha256 {}  target {} ({}){}",
                 written.path.display(),
                 written.size,
                 contents.kernels.len(),
+                schedule::mib(plan.memory.total()),
+                schedule::mib(plan.memory.budget),
+                plan.streamed_weights().len(),
                 bundle::hex(&written.sha256),
                 t.name,
                 t.arch,

@@ -50,10 +50,14 @@ pub struct ScheduleArgs {
     /// Positions of the KV cache the plan holds.
     #[arg(long, requires = "schedule", default_value_t = 512)]
     ctx: usize,
-    /// Token rows of the planned step (default: a prefill of the whole --ctx); with
-    /// --past, a step after that many cached positions.
+    /// Token rows of the planned step (default: as `edgec build` plans, a prefill of the
+    /// whole --ctx with logits for its second half); with --past, a step after that many
+    /// cached positions (logits of its last row).
     #[arg(long, requires = "schedule")]
     rows: Option<usize>,
+    /// Memory the runtime needs besides the plan (as `edgec build --runtime-memory`).
+    #[arg(long, requires = "schedule", value_parser = edgec::target::parse_size)]
+    runtime_memory: Option<u64>,
     /// Cached positions before the planned step.
     #[arg(long, requires = "schedule", default_value_t = 0)]
     past: usize,
@@ -198,11 +202,16 @@ fn schedule(a: &InspectArgs, graph: edge_runtime::ir::Graph) -> anyhow::Result<(
     );
     let mut o = Options::for_context(sa.ctx);
     o.budget = sa.memory_budget;
-    o.workload = Workload {
-        rows,
-        past: sa.past,
-        out_rows: 1,
-    };
+    if sa.rows.is_some() || sa.past > 0 {
+        o.workload = Workload {
+            rows,
+            past: sa.past,
+            out_rows: 1,
+        };
+    }
+    if let Some(r) = sa.runtime_memory {
+        o.runtime_bytes = r;
+    }
     if let Some(w) = &a.train {
         let (s, e) = parse_window(w)?;
         o.train = Some((s..=e, sa.seq));
@@ -210,7 +219,7 @@ fn schedule(a: &InspectArgs, graph: edge_runtime::ir::Graph) -> anyhow::Result<(
     let (graph, plan) = schedule::schedule(graph, &t, &o)?;
     let comparison = if sa.measure {
         let exec = edgec::codegen::executor(std::sync::Arc::new(graph), sa.kernels)?;
-        let pb = super::progress_bar(plan.ops.len() as u64, "timing ops");
+        let pb = super::progress_bar(sa.reps as u64, "timing the ops");
         let m = measure::measure(&exec, &o.workload, sa.reps, |d, _| pb.set_position(d as u64))?;
         pb.finish_and_clear();
         Some((measure::compare(&plan, &m), m))

@@ -54,6 +54,11 @@ pub struct OpCost {
     pub weight_bytes: u64,
     /// Bytes of activations read and written.
     pub act_bytes: u64,
+    /// Of those, the bytes written to the op's fresh output buffer.
+    pub out_bytes: u64,
+    /// Fraction of the SIMD peak the runtime's kernel for this op reaches (1 for the
+    /// vectorised, threaded linear kernels; 1/16 for scalar loops).
+    pub kernel_efficiency: f64,
     /// Bytes of KV cache read and written.
     pub kv_bytes: u64,
 }
@@ -91,8 +96,32 @@ pub fn value_rows(g: &Graph, w: &Workload) -> Vec<usize> {
     rows
 }
 
+/// Fraction of the SIMD peak the runtime's kernel for `op` reaches on `rows` rows: the
+/// linear kernels are vectorised and threaded; prefill attention runs through gemm
+/// between scalar softmax passes; decode attention, norms, SwiGLU (exp) and RoPE are
+/// scalar loops (one element a cycle of sixteen SIMD lanes); adds vectorise.
+pub fn kernel_efficiency(op: &Op, rows: usize) -> f64 {
+    match op {
+        Op::Linear { .. } => 1.0,
+        Op::Attention { .. } if rows > 3 => 0.25,
+        Op::Add | Op::OutputRows | Op::Rope { .. } => 0.25,
+        _ => 1.0 / 16.0,
+    }
+}
+
 /// The cost of `node` in the workload, `rows` being its input rows.
 pub fn op_cost(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
+    let mut c = op_cost_inner(g, node, rows, w);
+    let out_rows = match node.op {
+        Op::OutputRows => w.out_rows.min(rows),
+        _ => rows,
+    };
+    c.out_bytes = 4 * (out_rows * g.values[node.output.0].width) as u64;
+    c.kernel_efficiency = kernel_efficiency(&node.op, rows);
+    c
+}
+
+fn op_cost_inner(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
     let width = g.values[node.output.0].width as u64;
     let r = rows as u64;
     let in_w: u64 = node.inputs.iter().map(|v| g.values[v.0].width as u64).sum();
@@ -107,13 +136,15 @@ pub fn op_cost(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
                 weight_bytes: r * row_bytes,
                 act_bytes: 4 * r * width,
                 kv_bytes: 0,
+                ..Default::default()
             }
         }
         Op::RmsNorm { weight, .. } => OpCost {
-            flops: 4.0 * (r * width) as f64,
+            flops: 2.0 * (r * width) as f64,
             weight_bytes: g.weight(*weight).data.storage_bytes() as u64,
             act_bytes: act,
             kv_bytes: 0,
+            ..Default::default()
         },
         Op::Linear { weight } => {
             let wd = &g.weight(*weight).data;
@@ -125,6 +156,7 @@ pub fn op_cost(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
                 weight_bytes: wd.storage_bytes() as u64,
                 act_bytes: act,
                 kv_bytes: 0,
+                ..Default::default()
             }
         }
         Op::Rope { .. } => OpCost {
@@ -132,6 +164,7 @@ pub fn op_cost(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
             weight_bytes: 0,
             act_bytes: act,
             kv_bytes: 0,
+            ..Default::default()
         },
         Op::Attention {
             heads,
@@ -153,6 +186,7 @@ pub fn op_cost(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
                 weight_bytes: 0,
                 act_bytes: act,
                 kv_bytes: kv_read + kv_write,
+                ..Default::default()
             }
         }
         Op::SwiGlu => OpCost {
@@ -160,18 +194,21 @@ pub fn op_cost(g: &Graph, node: &Node, rows: usize, w: &Workload) -> OpCost {
             weight_bytes: 0,
             act_bytes: act,
             kv_bytes: 0,
+            ..Default::default()
         },
         Op::Add => OpCost {
             flops: (r * width) as f64,
             weight_bytes: 0,
             act_bytes: act,
             kv_bytes: 0,
+            ..Default::default()
         },
         Op::OutputRows => OpCost {
             flops: 0.0,
             weight_bytes: 0,
             act_bytes: 8 * w.out_rows.min(rows) as u64 * width,
             kv_bytes: 0,
+            ..Default::default()
         },
     }
 }
@@ -230,9 +267,14 @@ impl Machine {
     /// Seconds `cost` takes on `threads` threads with its weight read at `weight_bw`.
     pub fn time(&self, cost: &OpCost, threads: usize, weight_bw: f64) -> f64 {
         let threads = threads.clamp(1, self.cores);
-        let compute = cost.flops / (self.flops_per_s * threads as f64 / self.cores as f64);
-        let other = cost.act_bytes + cost.kv_bytes;
-        let memory = cost.weight_bytes as f64 / weight_bw + other as f64 / self.bandwidth_for(other, threads);
+        let peak = self.flops_per_s * threads as f64 / self.cores as f64 * cost.kernel_efficiency.max(1e-3);
+        let compute = cost.flops / peak;
+        // Inputs and the KV cache come from the level that holds them; the output goes to a
+        // freshly allocated buffer (first-touch pages): DRAM bandwidth.
+        let read = cost.act_bytes.saturating_sub(cost.out_bytes) + cost.kv_bytes;
+        let memory = cost.weight_bytes as f64 / weight_bw
+            + read as f64 / self.bandwidth_for(read, threads)
+            + cost.out_bytes as f64 / self.dram_bw;
         let fixed = self.op_overhead_s
             + if threads > 1 {
                 self.parallel_overhead_s

@@ -37,10 +37,11 @@ use recompute::RecomputePlan;
 use residency::Residency;
 use tiling::Tile;
 
-/// Bytes the runtime itself holds besides the plan's buffers (code, tokenizer, allocator
-/// slack), measured as `edge-runtime generate`'s peak RSS on the tiny fixture (see
-/// `docs/schedule.md`). A plan's total counts it so that a budget is the process's RSS.
-pub const DEFAULT_RUNTIME_BYTES: u64 = 40 << 20;
+/// Bytes the runtime itself holds besides the plan's buffers (code, tokenizer, manifest,
+/// allocator slack): `edge-runtime eval`'s peak RSS on SmolLM2-135M (49k-token vocabulary)
+/// minus the plan's other terms, measured 49-53 MiB on the host, with a margin (`docs/schedule.md`). A plan's total
+/// counts it so that a budget bounds the process's RSS. `--runtime-memory` overrides it.
+pub const DEFAULT_RUNTIME_BYTES: u64 = 56 << 20;
 
 /// What to plan for.
 #[derive(Debug, Clone)]
@@ -58,13 +59,19 @@ pub struct Options {
 }
 
 impl Options {
-    /// A plan for steps of up to `context` positions: the arena sized for a prefill of
-    /// the whole context (the largest step), times for one decoded token at its end.
+    /// A plan for steps of up to `context` positions: the arena sized for the largest step
+    /// a runtime command takes, a prefill of the whole context with logits for its second
+    /// half (`edge-runtime eval`'s chunks); times for one decoded token at its end.
     pub fn for_context(context: usize) -> Options {
+        let context = context.max(1);
         Options {
             budget: None,
-            workload: Workload::prefill(context.max(1)),
-            context: context.max(1),
+            workload: Workload {
+                rows: context,
+                past: 0,
+                out_rows: context.div_ceil(2),
+            },
+            context,
             runtime_bytes: DEFAULT_RUNTIME_BYTES,
             train: None,
         }

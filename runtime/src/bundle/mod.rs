@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 pub use keys::{generate_key, hex, public_key_path, read_signing_key, read_verifying_key, write_key_pair};
-pub use writer::{BundleContents, BundleWriter, WrittenBundle, write_bundle};
+pub use writer::{BundleContents, BundleWriter, WrittenBundle, write_bundle, write_scheduled_bundle};
 
 pub use ed25519_dalek::SigningKey;
 pub use edge_proto::bundle as manifest;
@@ -192,6 +192,9 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
+/// Bytes hashed between releases of the mapped pages.
+const HASH_SLICE: usize = 8 << 20;
+
 fn check(path: &Path, policy: &TrustPolicy) -> Result<Checked, BundleError> {
     let p = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|error| BundleError::Io {
@@ -241,7 +244,15 @@ fn check(path: &Path, policy: &TrustPolicy) -> Result<Checked, BundleError> {
     }
     let flags = u32_at(t, 8);
     let expected: [u8; 32] = t[16..48].try_into().expect("32 bytes");
-    let actual: [u8; 32] = Sha256::digest(&b[..trailer_start]).into();
+    // Hashed a slice at a time, each slice's pages released after it, so that checking a
+    // bundle does not leave the whole file resident (a schedule may stream its weights).
+    let mut hasher = Sha256::new();
+    for at in (0..trailer_start).step_by(HASH_SLICE) {
+        let end = (at + HASH_SLICE).min(trailer_start);
+        hasher.update(&b[at..end]);
+        crate::exec_stream::release_range(&map, at, end - at);
+    }
+    let actual: [u8; 32] = hasher.finalize().into();
     if actual != expected {
         return Err(BundleError::HashMismatch {
             path: p,
@@ -446,6 +457,14 @@ impl Bundle {
             logits,
         };
         graph.verify().map_err(|e| bad(e.to_string()))?;
+        if let Some(sc) = &m.schedule
+            && let Some(w) = sc.streamed_weights.iter().find(|&&w| w as usize >= graph.weights.len())
+        {
+            return Err(bad(format!(
+                "the schedule streams weight {w}, the bundle has {}",
+                graph.weights.len()
+            )));
+        }
         let tokenizer = match &m.tokenizer {
             Some(t) => Some(
                 Tokenizer::from_json(&t.json, t.add_bos, t.bos, t.eos.clone())
@@ -529,6 +548,16 @@ impl Bundle {
         }
         out
     }
+    /// The weights the bundle's schedule streams (none without a schedule): give them to
+    /// [`Executor::with_streamed_weights`](crate::Executor::with_streamed_weights).
+    pub fn streamed_weights(&self) -> Vec<crate::ir::WeightId> {
+        self.manifest
+            .schedule
+            .iter()
+            .flat_map(|s| s.streamed_weights.iter().map(|&w| crate::ir::WeightId(w as usize)))
+            .collect()
+    }
+
     pub fn manifest(&self) -> &pb::Manifest {
         &self.manifest
     }

@@ -326,6 +326,17 @@ pub fn write_bundle(
     path: &Path,
     contents: &BundleContents<'_>,
     key: Option<&SigningKey>,
+    progress: impl FnMut(usize, usize),
+) -> Result<WrittenBundle, BundleError> {
+    write_scheduled_bundle(path, contents, None, key, progress)
+}
+
+/// [`write_bundle`] with the scheduling pass's plan in the manifest.
+pub fn write_scheduled_bundle(
+    path: &Path,
+    contents: &BundleContents<'_>,
+    schedule: Option<pb::Schedule>,
+    key: Option<&SigningKey>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<WrittenBundle, BundleError> {
     let g = contents.graph;
@@ -354,7 +365,7 @@ pub fn write_bundle(
         policy: contents.policy.clone(),
         weights,
         graphs: vec![graph_to_pb(super::FORWARD_GRAPH, g)],
-        schedule: None,
+        schedule,
         kernels: contents.kernels.clone(),
         tensors,
         target: Some(contents.target.clone()),
