@@ -70,7 +70,7 @@ enum Command {
     RemoteGenerate(remote_generate::RemoteGenerateArgs),
     /// Export a device's tuned adapters (PEFT's layout) to a directory.
     Adapters(adapters::AdaptersArgs),
-    /// `edgec tune --device URL ...` (see [`parse`]).
+    /// Tune on a device (run as `edgec tune --device URL ...`).
     #[command(name = "tune-device", hide = true)]
     TuneDevice(tune_device::DeviceTuneArgs),
 }

@@ -105,6 +105,10 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
             .map_err(|s| client::ClientError::rpc(&a.device, s))?
             .into_inner();
         let mut tokens = vec![];
+        // Arrival times of the first and the latest token, seen from this side of the
+        // connection (the device's own figure leaves out the transport).
+        let mut first_at = None;
+        let mut last_at = std::time::Instant::now();
         let mut text = String::new();
         if !a.json
             && let Some(p) = &a.prompt
@@ -118,6 +122,8 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
         {
             if let Some(t) = msg.token {
                 tokens.push(t);
+                last_at = std::time::Instant::now();
+                first_at.get_or_insert(last_at);
             }
             text.push_str(&msg.text);
             if !a.json {
@@ -143,6 +149,9 @@ pub fn run(a: RemoteGenerateArgs) -> anyhow::Result<()> {
                             "prompt_tokens": msg.prompt_tokens,
                             "first_token_seconds": msg.first_token_seconds,
                             "decode_tokens_per_s": msg.decode_tokens_per_second,
+                            "client_decode_tokens_per_s": first_at
+                                .map(|f| (tokens.len().saturating_sub(1)) as f64
+                                    / (last_at - f).as_secs_f64().max(1e-9)),
                             "tune_job": msg.tune_job,
                             "speculative_rounds": msg.speculative_rounds,
                             "draft_tokens": msg.draft_tokens,
