@@ -1026,6 +1026,8 @@ fn tune_on_the_device_and_export_adapters() {
                     job = p.job_id.clone();
                     assert!(p.window_end >= p.window_start && p.total_steps == 120);
                     if p.step == 1 {
+                        let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+                        assert_eq!(st.tune_state, format!("running {job}"));
                         assert!(
                             c.cancel_tune(pb::CancelTuneRequest { job_id: job.clone() })
                                 .await
@@ -1062,6 +1064,9 @@ fn tune_on_the_device_and_export_adapters() {
             done && steps.first().copied().unwrap_or(0) > 1,
             "resumed steps {steps:?}"
         );
+        // The job has left the running set before its last message.
+        let st = c.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(st.tune_state, "idle");
         // The adapters, in PEFT's layout.
         let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
         let mut ex = c

@@ -794,7 +794,7 @@ impl EdgeRuntime for Runtime {
             uptime_seconds: self.started.elapsed().as_secs(),
             memory_bytes: crate::memory::rss_bytes().0,
             memory_budget_bytes: self.memory_budget,
-            tune_state: "idle".into(),
+            tune_state: self.jobs.state(),
             active_streams: self.engine.in_flight() as u32,
             max_streams: self.engine.max_in_flight() as u32,
             bundles,

@@ -215,6 +215,15 @@ impl Jobs {
         Ok(())
     }
 
+    /// What Status reports: `idle`, or `running <job id>`.
+    pub fn state(&self) -> String {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running
+            .keys()
+            .next()
+            .map_or_else(|| "idle".to_string(), |id| format!("running {id}"))
+    }
+
     /// Sets the cancel flag of `id` (or of the running job when `id` is empty).
     pub fn cancel(&self, id: &str) -> bool {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
