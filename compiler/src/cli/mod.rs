@@ -71,7 +71,11 @@ enum Command {
     /// Export a device's tuned adapters (PEFT's layout) to a directory.
     Adapters(adapters::AdaptersArgs),
     /// Tune on a device (run as `edgec tune --device URL ...`).
-    #[command(name = "tune-device", hide = true)]
+    #[command(
+        name = "tune-device",
+        hide = true,
+        override_usage = "edgec tune --device <URL> --token-file <TOKEN_FILE> --data <DATA> [OPTIONS]"
+    )]
     TuneDevice(tune_device::DeviceTuneArgs),
 }
 
