@@ -9,8 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Weights smaller than this are never streamed (their pages cost more to fault than keep).
-pub const MIN_STREAMED: u64 = 64 << 10;
+/// Weights smaller than a page are never streamed (releasing them frees nothing).
+pub const MIN_STREAMED: u64 = 4 << 10;
 
 /// Which weights stay and which are streamed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,21 +93,21 @@ mod tests {
 
     #[test]
     fn everything_fits_then_streams_least_then_fails() {
-        let sizes = [10 * M, 4 * M, 4 * M, 1024];
+        let sizes = [10 * M, 4 * M, 4 * M, 1000];
         let all = plan(&sizes, M, 100 * M).unwrap();
         assert!(all.streamed.is_empty());
-        assert_eq!(all.resident_bytes, 18 * M + 1024);
+        assert_eq!(all.resident_bytes, 18 * M + 1000);
         // 12 MiB: streaming the two 4 MiB weights (window 4) leaves 10 + 4 + 1 + ~0 = 15: no;
         // streaming the 10 MiB one (window 10) leaves 8 + 10 + 1 = 19: no; streaming all
-        // three with window 10: 10 + 1 + 1024 B: yes.
+        // three with window 10: 10 + 1 + 1000 B: yes.
         let r = plan(&sizes, M, 12 * M).unwrap();
         assert_eq!(r.streamed, vec![0, 1, 2]);
         assert_eq!(r.window_bytes, 10 * M);
-        // 16 MiB: window 4 suffices (10 resident + 4 window + 1 + 1024 B).
+        // 16 MiB: window 4 suffices (10 resident + 4 window + 1 + 1000 B).
         let r = plan(&sizes, M, 16 * M).unwrap();
         assert_eq!(r.streamed, vec![1, 2]);
         assert_eq!(r.window_bytes, 4 * M);
         let e = plan(&sizes, M, 5 * M).unwrap_err();
-        assert_eq!(e.need, 11 * M + 1024);
+        assert_eq!(e.need, 11 * M + 1000);
     }
 }
