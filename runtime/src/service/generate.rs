@@ -135,6 +135,8 @@ pub struct Draft {
     embed_out: ValueId,
     span: Range<usize>,
     out: ValueId,
+    /// The nodes above the draft layer (the rest of the model, head included).
+    upper: Range<usize>,
 }
 
 impl Draft {
@@ -169,18 +171,23 @@ impl Draft {
             embed_out,
             span: e + 1..end,
             out,
+            upper: end..g.nodes.len(),
         })
     }
 
     /// Feeds `token` through the draft layers (one new cache position) and returns the
-    /// exit's greedy next token.
-    fn next(&self, exec: &Executor, s: &mut Session, token: u32) -> crate::Result<u32> {
+    /// hidden state after the draft layer.
+    fn hidden(&self, exec: &Executor, s: &mut Session, token: u32) -> crate::Result<Vec<f32>> {
         let g = exec.graph();
         let mut row = vec![0.0; g.config.hidden_size];
         g.weight(self.table).data.read_row_f32(token as usize, &mut row);
-        let h = exec.run_span(s, 1, vec![(self.embed_out, row)], self.span.clone(), &[self.out])?;
-        let logits = self.exits.logits(0, &h[0]);
-        Ok(Sampler::new(Sampling::Greedy, 0).sample(&logits))
+        let mut h = exec.run_span(s, 1, vec![(self.embed_out, row)], self.span.clone(), &[self.out])?;
+        Ok(h.pop().expect("one output"))
+    }
+
+    /// The exit's greedy next token from its hidden state.
+    fn propose(&self, hidden: &[f32]) -> u32 {
+        Sampler::new(Sampling::Greedy, 0).sample(&self.exits.logits(0, hidden))
     }
 }
 
@@ -357,23 +364,59 @@ impl Generation {
     fn speculate(&mut self, t0: u32, k: usize) -> Result<Vec<u32>, Status> {
         let p = self.session.position();
         let mut drafts = Vec::with_capacity(k);
+        let sp = self.speculative.as_ref().expect("speculative");
+        let exec = executor(&self.model, &self.scorer);
+        let err = |e: crate::RuntimeError| Status::internal(format!("speculative round: {e}"));
+        // The draft layers' hidden states of t0 and each draft, in order.
+        let mut hidden = Vec::with_capacity((k + 1) * self.model.bundle.graph().config.hidden_size);
         let mut t = t0;
-        {
-            let sp = self.speculative.as_ref().expect("speculative");
-            let exec = executor(&self.model, &self.scorer);
-            for _ in 0..k {
-                t = sp
-                    .draft
-                    .next(exec, &mut self.session, t)
-                    .map_err(|e| Status::internal(format!("draft: {e}")))?;
-                drafts.push(t);
-            }
+        for _ in 0..k {
+            let h = sp.draft.hidden(exec, &mut self.session, t).map_err(err)?;
+            t = sp.draft.propose(&h);
+            hidden.extend_from_slice(&h);
+            drafts.push(t);
         }
-        self.session.truncate(p);
-        let mut feed = Vec::with_capacity(k + 1);
-        feed.push(t0);
-        feed.extend(&drafts);
-        let scores = self.forward(&feed, Rows::All)?;
+        // When every value the scores need lies above the draft layer, the verification
+        // reuses the draft's work: the last draft goes through the draft layers too, then
+        // only the layers above run on all k+1 rows, seeded with the draft layer's output
+        // (the draft layers' cache already holds every position). Otherwise the k+1 tokens
+        // run through the whole model.
+        let layer_of = |v: &ValueId| exec.graph().nodes.iter().position(|n| n.output == *v);
+        let reuse = self
+            .taps
+            .iter()
+            .all(|v| layer_of(v).is_some_and(|i| i >= sp.draft.upper.start));
+        let scores = if reuse {
+            let h = sp.draft.hidden(exec, &mut self.session, t).map_err(err)?;
+            hidden.extend_from_slice(&h);
+            self.session.truncate(p);
+            let mut keep = self.taps.clone();
+            keep.push(exec.graph().logits);
+            let mut outs = exec
+                .run_span(
+                    &mut self.session,
+                    k + 1,
+                    vec![(sp.draft.out, hidden)],
+                    sp.draft.upper.clone(),
+                    &keep,
+                )
+                .map_err(err)?;
+            let logits = outs.pop().expect("logits kept");
+            let out = crate::exec::StepOutput {
+                logits,
+                rows: 0..k + 1,
+                taps: outs,
+            };
+            self.scorer
+                .scores(&out)
+                .map_err(|e| Status::internal(format!("scores: {e}")))?
+        } else {
+            self.session.truncate(p);
+            let mut feed = Vec::with_capacity(k + 1);
+            feed.push(t0);
+            feed.extend(&drafts);
+            self.forward(&feed, Rows::All)?
+        };
         let mut out = Vec::with_capacity(k + 1);
         for (i, s) in scores.iter().enumerate() {
             let v = self.sampler.sample(s);
