@@ -298,3 +298,19 @@ fn inspect_prints_the_schedule_as_text_and_json() {
             .all(|p| p["tile"]["level"] == "SRAM")
     );
 }
+
+#[test]
+fn a_target_efficiency_out_of_range_is_an_error_naming_the_key_and_line() {
+    let src = std::fs::read_to_string(common::repo().join("targets/raspberry-pi-5.toml")).unwrap();
+    let bad = format!("{src}\n[efficiency]\ncompute = 1.5\n");
+    let e = target::parse(Path::new("targets/raspberry-pi-5.toml"), &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("efficiency.compute") && e.contains("1.5"), "{e}");
+    let line = bad.lines().position(|l| l.starts_with("compute = 1.5")).unwrap() + 1;
+    assert!(e.contains(&format!(":{line}:")), "{e}");
+    let ok = format!("{src}\n[efficiency]\ncompute = 0.25\nop_overhead_us = 0\n");
+    let t = target::parse(Path::new("targets/raspberry-pi-5.toml"), &ok).unwrap();
+    assert_eq!((t.efficiency.compute, t.efficiency.op_overhead_us), (0.25, 0.0));
+    assert_eq!(t.efficiency.bandwidth, target::Efficiency::default().bandwidth);
+}
