@@ -464,11 +464,10 @@ fn inconsistent_profiles_are_rejected() {
     );
 }
 
-#[test]
-fn loss_fit_objective_scales_linear_nmse_by_fitted_gains() {
+/// [`edge_profile`] with end-to-end deltas at candidates 3 and 7 of layers 0 and 2: 10x and
+/// 1x the linear nmse.
+fn profile_with_gains() -> Sensitivity {
     let mut p = edge_profile();
-    assert_eq!(p.layers.len(), 4);
-    // Layer 0's linear nmse costs 10x in loss, layer 2's 1x; layers 1 and 3 are not measured.
     for (layer, g) in [(0, 10.0), (2, 1.0)] {
         for c in [3, 7] {
             let n = p.layers[layer].linears[0].nmse[c];
@@ -479,6 +478,14 @@ fn loss_fit_objective_scales_linear_nmse_by_fitted_gains() {
             });
         }
     }
+    p
+}
+
+#[test]
+fn loss_fit_objective_scales_linear_nmse_by_fitted_gains() {
+    // Layer 0's linear nmse costs 10x in loss, layer 2's 1x; layers 1 and 3 are not measured.
+    let p = profile_with_gains();
+    assert_eq!(p.layers.len(), 4);
     let problem = Problem::new(&p, Objective::LossFit).unwrap();
     // Layer 1 is interpolated between its neighbours, layer 3 takes the last measured gain.
     let want = [10.0, 5.5, 1.0, 1.0];
@@ -508,6 +515,47 @@ fn loss_fit_objective_scales_linear_nmse_by_fitted_gains() {
         s.choice,
         u.choice
     );
+}
+
+#[test]
+fn loss_measured_objective_uses_measurements_where_it_has_them() {
+    let mut p = profile_with_gains();
+    // Another run on the same samples measured layer 1 at candidate 5 (twice) and a
+    // candidate this grid does not have.
+    let mut other = edge_profile();
+    other.candidates.push(cand(2, 0.0));
+    for layer in &mut other.layers {
+        layer.nmse.push(1.0);
+        layer.linears.iter_mut().for_each(|k| k.nmse.push(1.0));
+    }
+    for delta in [0.02, 0.04] {
+        other.end_to_end.push(EndToEnd {
+            layer: 1,
+            candidate: 5,
+            loss_delta: delta,
+        });
+    }
+    other.end_to_end.push(EndToEnd {
+        layer: 1,
+        candidate: 8,
+        loss_delta: 9.0,
+    });
+    assert_eq!(p.merge_end_to_end(&other).unwrap(), 2);
+    let measured = Problem::new(&p, Objective::LossMeasured).unwrap();
+    let fitted = Problem::new(&p, Objective::LossFit).unwrap();
+    assert!(
+        (measured.error(1, 5) - 0.03).abs() < 1e-12,
+        "{}",
+        measured.error(1, 5)
+    );
+    assert!((measured.error(0, 3) - 10.0 * p.layers[0].linears[0].nmse[3]).abs() < 1e-12);
+    assert_eq!(measured.error(3, 6), fitted.error(3, 6));
+    assert_ne!(measured.error(1, 5), fitted.error(1, 5));
+    // A profile of other samples is refused.
+    let mut stranger = edge_profile();
+    stranger.base_loss += 0.5;
+    let err = p.merge_end_to_end(&stranger).unwrap_err();
+    assert!(err.contains("other calibration samples"), "{err}");
 }
 
 #[test]

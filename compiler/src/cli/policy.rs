@@ -22,6 +22,7 @@ enum ObjectiveArg {
     LossWeighted,
     LinearNmse,
     LossFit,
+    LossMeasured,
 }
 
 impl ObjectiveArg {
@@ -31,6 +32,7 @@ impl ObjectiveArg {
             ObjectiveArg::LossWeighted => "loss-weighted",
             ObjectiveArg::LinearNmse => "linear-nmse",
             ObjectiveArg::LossFit => "loss-fit",
+            ObjectiveArg::LossMeasured => "loss-measured",
         }
     }
 }
@@ -69,9 +71,15 @@ pub struct PolicyArgs {
     /// weighted by a per-layer factor fitted on the profile's end-to-end loss deltas;
     /// `linear-nmse` the sum over layers of the parameter-weighted mean of the linears' own
     /// output nmse; `loss-fit` that linear nmse times a per-layer loss gain fitted on the
-    /// end-to-end deltas (a predicted loss increase; profile with `--e2e-layers all`).
+    /// end-to-end deltas (a predicted loss increase; profile with `--e2e-layers all`);
+    /// `loss-measured` the measured end-to-end delta where the profile has one, else the
+    /// `loss-fit` prediction.
     #[arg(long, value_enum, default_value = "linear-nmse")]
     objective: ObjectiveArg,
+    /// Another profile of the same model and calibration whose end-to-end measurements are
+    /// added to this one's (candidates matched by label); repeatable.
+    #[arg(long, value_name = "PROFILE")]
+    extra_e2e: Vec<PathBuf>,
     /// Largest dynamic-programming table for `optimal` (states).
     #[arg(long, default_value_t = 1 << 22)]
     max_states: usize,
@@ -85,12 +93,21 @@ pub struct PolicyArgs {
 
 pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
     let text = super::read_text(&a.profile)?;
-    let profile = Sensitivity::from_json(&text).map_err(|e| anyhow!("{}: {e}", a.profile.display()))?;
+    let mut profile = Sensitivity::from_json(&text).map_err(|e| anyhow!("{}: {e}", a.profile.display()))?;
+    for extra in &a.extra_e2e {
+        let other = Sensitivity::from_json(&super::read_text(extra)?)
+            .map_err(|e| anyhow!("{}: {e}", extra.display()))?;
+        let n = profile
+            .merge_end_to_end(&other)
+            .map_err(|e| anyhow!("--extra-e2e {}: {e}", extra.display()))?;
+        tracing::info!("{}: {n} end-to-end measurements merged", extra.display());
+    }
     let objective = match a.objective {
         ObjectiveArg::Nmse => Objective::Nmse,
         ObjectiveArg::LossWeighted => Objective::LossWeighted,
         ObjectiveArg::LinearNmse => Objective::LinearNmse,
         ObjectiveArg::LossFit => Objective::LossFit,
+        ObjectiveArg::LossMeasured => Objective::LossMeasured,
     };
     let method = match a.method {
         MethodArg::Optimal => Method::Optimal,
@@ -192,7 +209,7 @@ fn print_report(problem: &Problem, budget: &Budget, sol: &Solution, objective: &
         "sum of layer nmse"
     } else if objective == "linear-nmse" {
         "sum over layers of the mean linear-output nmse"
-    } else if objective == "loss-fit" {
+    } else if objective == "loss-fit" || objective == "loss-measured" {
         "sum over layers of the mean linear-output nmse times the layer's fitted loss gain: predicted loss increase"
     } else {
         "sum of loss-weighted layer nmse: predicted loss increase"

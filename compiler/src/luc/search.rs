@@ -98,6 +98,12 @@ pub enum Objective {
     /// floored at 1% of the mean gain (a negative fit is noise, not a free layer). Profile with
     /// `--e2e-layers all` so that every layer's gain is measured.
     LossFit,
+    /// The measured end-to-end loss change `Δloss[l][c]` of every (layer, candidate) pair the
+    /// profile measured (mean over repeats, floored at 0), and the [`Objective::LossFit`]
+    /// prediction for the pairs it did not. Profile the candidates the budget will draw on
+    /// with `--e2e-layers all --e2e-candidates ...` (or merge the measurements of another
+    /// profile run with [`Sensitivity::merge_end_to_end`]).
+    LossMeasured,
 }
 
 /// Search options.
@@ -203,11 +209,13 @@ impl<'a> Problem<'a> {
             }
         }
         let weights = match objective {
-            Objective::Nmse | Objective::LinearNmse | Objective::LossFit => vec![1.0; profile.layers.len()],
+            Objective::Nmse | Objective::LinearNmse | Objective::LossFit | Objective::LossMeasured => {
+                vec![1.0; profile.layers.len()]
+            }
             Objective::LossWeighted => loss_weights(profile)?,
         };
         let mut linear_err = match objective {
-            Objective::LinearNmse | Objective::LossFit => profile
+            Objective::LinearNmse | Objective::LossFit | Objective::LossMeasured => profile
                 .layers
                 .iter()
                 .map(|l| {
@@ -231,10 +239,25 @@ impl<'a> Problem<'a> {
             _ => vec![],
         };
         let mut gains = vec![];
-        if objective == Objective::LossFit {
+        if matches!(objective, Objective::LossFit | Objective::LossMeasured) {
             gains = loss_gains(profile, &linear_err)?;
             for (row, g) in linear_err.iter_mut().zip(&gains) {
                 row.iter_mut().for_each(|e| *e *= g);
+            }
+        }
+        if objective == Objective::LossMeasured {
+            let mut sum = vec![vec![(0.0, 0usize); nc]; profile.layers.len()];
+            for e in &profile.end_to_end {
+                let cell = &mut sum[e.layer][e.candidate];
+                cell.0 += e.loss_delta;
+                cell.1 += 1;
+            }
+            for (row, measured) in linear_err.iter_mut().zip(&sum) {
+                for (err, &(total, n)) in row.iter_mut().zip(measured) {
+                    if n > 0 {
+                        *err = (total / n as f64).max(0.0);
+                    }
+                }
             }
         }
         Ok(Problem {

@@ -104,4 +104,39 @@ impl Sensitivity {
         }
         Ok(s)
     }
+
+    /// Adds the end-to-end measurements of `other`, a profile of the same model on the same
+    /// calibration samples (equal base loss), matching candidates by label; pairs whose
+    /// candidate is not in this profile's grid are skipped. Returns how many were added.
+    pub fn merge_end_to_end(&mut self, other: &Sensitivity) -> Result<usize, String> {
+        if other.layers.len() != self.layers.len() {
+            return Err(format!(
+                "the other profile has {} layers, this one {}",
+                other.layers.len(),
+                self.layers.len()
+            ));
+        }
+        let tolerance = 1e-9 * self.base_loss.abs().max(1.0);
+        if (other.base_loss - self.base_loss).abs() > tolerance
+            || other.calibration.seq != self.calibration.seq
+        {
+            return Err(format!(
+                "the other profile was measured on other calibration samples (base loss {} vs {})",
+                other.base_loss, self.base_loss
+            ));
+        }
+        let labels: Vec<String> = self.candidates.iter().map(|c| c.label()).collect();
+        let mut added = 0;
+        for e in &other.end_to_end {
+            let label = other.candidates.get(e.candidate).map(|c| c.label());
+            if let Some(c) = label.and_then(|l| labels.iter().position(|x| *x == l)) {
+                self.end_to_end.push(EndToEnd {
+                    candidate: c,
+                    ..e.clone()
+                });
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
 }
