@@ -138,19 +138,12 @@ impl BundleArgs {
     /// The executor for the bundle's graph with the chosen kernels, and how many kernels
     /// were JIT-compiled.
     fn executor(&self, b: &Bundle) -> anyhow::Result<(Executor, usize)> {
-        let sources = b.kernel_sources();
-        // The bundle's schedule says which weights to stream (release after each use).
-        let streamed = b.streamed_weights();
-        if self.kernels == Kernels::Reference || sources.is_empty() {
-            return Ok((Executor::new(b.graph_arc())?.with_streamed_weights(&streamed)?, 0));
-        }
-        let set = edge_runtime::jit::KernelSet::compile(&sources)
-            .with_context(|| format!("{}: compiling its kernels", b.path().display()))?;
-        let n = set.functions();
-        Ok((
-            Executor::with_kernels(b.graph_arc(), std::sync::Arc::new(set))?.with_streamed_weights(&streamed)?,
-            n,
-        ))
+        b.executor(self.kernels == Kernels::Jit).with_context(|| {
+            format!(
+                "{}: preparing its executor (kernels, schedule)",
+                b.path().display()
+            )
+        })
     }
 }
 

@@ -458,7 +458,10 @@ impl Bundle {
         };
         graph.verify().map_err(|e| bad(e.to_string()))?;
         if let Some(sc) = &m.schedule
-            && let Some(w) = sc.streamed_weights.iter().find(|&&w| w as usize >= graph.weights.len())
+            && let Some(w) = sc
+                .streamed_weights
+                .iter()
+                .find(|&&w| w as usize >= graph.weights.len())
         {
             return Err(bad(format!(
                 "the schedule streams weight {w}, the bundle has {}",
@@ -554,12 +557,36 @@ impl Bundle {
         self.manifest
             .schedule
             .iter()
-            .flat_map(|s| s.streamed_weights.iter().map(|&w| crate::ir::WeightId(w as usize)))
+            .flat_map(|s| {
+                s.streamed_weights
+                    .iter()
+                    .map(|&w| crate::ir::WeightId(w as usize))
+            })
             .collect()
     }
 
     pub fn manifest(&self) -> &pb::Manifest {
         &self.manifest
+    }
+
+    /// The executor that runs this bundle as it was built: its generated kernels
+    /// JIT-compiled for this machine (with `jit`; weights without a kernel, or every weight
+    /// without `jit`, run the reference kernels) and its schedule's streamed weights
+    /// released after each use. Also returns how many kernels were compiled.
+    pub fn executor(&self, jit: bool) -> crate::Result<(crate::Executor, usize)> {
+        let streamed = self.streamed_weights();
+        let sources = self.kernel_sources();
+        if !jit || sources.is_empty() {
+            return Ok((
+                crate::Executor::new(self.graph_arc())?.with_streamed_weights(&streamed)?,
+                0,
+            ));
+        }
+        let set = crate::jit::KernelSet::compile(&sources)?;
+        let n = set.functions();
+        let exec = crate::Executor::with_kernels(self.graph_arc(), Arc::new(set))?
+            .with_streamed_weights(&streamed)?;
+        Ok((exec, n))
     }
 }
 

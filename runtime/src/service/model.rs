@@ -72,7 +72,8 @@ pub struct Model {
 impl Model {
     pub fn load(path: &Path, sha256: &str, trust: &TrustPolicy) -> Result<Arc<Model>, ServiceError> {
         let bundle = Bundle::open(path, trust).map_err(bundle_error)?;
-        let executor = Executor::new(bundle.graph_arc())?;
+        // The bundle's generated kernels, JIT-compiled, and its schedule's streaming.
+        let (executor, _) = bundle.executor(true)?;
         let tokenizer = bundle.tokenizer().cloned();
         Ok(Arc::new(Model {
             sha256: sha256.to_string(),
