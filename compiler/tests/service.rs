@@ -307,9 +307,10 @@ fn deploy_activate_generate_matches_local_run() {
     assert_eq!(st["devices"][0]["active_sha256"], sha_of(&b1), "{st}");
     assert_eq!(st["devices"][0]["bundles"][0]["name"], "b1.edgeb");
 
+    // `edgec generate --device` is `remote-generate`.
     let prompt = PROMPT.map(|t| t.to_string()).join(",");
     let g = s.edgec_json(&[
-        "remote-generate",
+        "generate",
         "--device",
         &dev.url,
         "--prompt-tokens",

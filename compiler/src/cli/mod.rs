@@ -41,7 +41,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Perplexity of a model on a text (llama.cpp protocol) or on token sequences.
     Eval(eval::EvalArgs),
-    /// Generate text from a prompt (greedy, or temperature + top-p with a seed).
+    /// Generate text from a prompt (greedy, or temperature + top-p with a seed); with
+    /// `--device URL`, on that device (the options of `remote-generate`).
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode speed (tokens/s) and peak memory.
     Bench(bench::BenchArgs),
@@ -80,12 +81,19 @@ enum Command {
 }
 
 /// Parses the command line. `edgec tune --device URL ...` tunes on a device: it has its own
-/// arguments (`tune_device`), so it is parsed as the hidden `tune-device` command.
+/// arguments (`tune_device`), so it is parsed as the hidden `tune-device` command; likewise
+/// `edgec generate --device URL ...` is `edgec remote-generate`.
 pub fn parse() -> Cli {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let device = |a: &std::ffi::OsString| a == "--device" || a.to_string_lossy().starts_with("--device=");
-    if args.get(1).is_some_and(|a| a == "tune") && args.iter().skip(2).any(device) {
-        args[1] = "tune-device".into();
+    // A local command given `--device` runs on the device instead.
+    const ON_DEVICE: [(&str, &str); 2] = [("tune", "tune-device"), ("generate", "remote-generate")];
+    if args.iter().skip(2).any(device)
+        && let Some((_, remote)) = ON_DEVICE
+            .iter()
+            .find(|(local, _)| args.get(1).is_some_and(|a| a == local))
+    {
+        args[1] = remote.into();
     }
     Cli::parse_from(args)
 }
