@@ -66,7 +66,7 @@ $EDGEC build --model "$MODEL" --policy "$WORK/policy.toml" --calib data/austen/t
   --target host --sign-key "$WORK/key" -o "$WORK/smollm2.edgeb"
 $EDGEC verify --bundle "$WORK/smollm2.edgeb" --trusted-key "$WORK/key.pub"
 
-step "serve it on loopback (edge-runtime serve), deploy, generate on the device"
+step "serve it on loopback (edge-runtime serve), deploy, generate on the device, tune on the device, generate with voting"
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/token"
 rm -rf "$WORK/device"
 target/release/edge-runtime serve --listen 127.0.0.1:0 --data-dir "$WORK/device" \
@@ -78,5 +78,16 @@ DEVICE="http://$(sed -n 's/^listening on //p' "$WORK/serve.log" | head -1)"
 echo "device at $DEVICE"
 $EDGEC deploy --bundle "$WORK/smollm2.edgeb" --device "$DEVICE" --token-file "$WORK/token"
 $EDGEC status --device "$DEVICE" --token-file "$WORK/token"
-$EDGEC remote-generate --device "$DEVICE" --token-file "$WORK/token" \
+$EDGEC generate --device "$DEVICE" --token-file "$WORK/token" \
+  --prompt "The history of the English novel" -n 24
+
+step "tune on the device: the text is uploaded, Tune runs Edge-LLM's windows and exits (stride 6), 10 steps, progress streamed"
+$EDGEC tune --device "$DEVICE" --token-file "$WORK/token" --data data/austen/train.txt \
+  --mode edge --stride 6 --steps 10 --seq 128 -o "$WORK/device-adapters"
+ls -l "$WORK/device-adapters"
+
+step "generate on the device with the tuned model, the exits voting (weighted), and with self-speculative decoding"
+$EDGEC generate --device "$DEVICE" --token-file "$WORK/token" --tune-job latest --voting weighted \
+  --prompt "The history of the English novel" -n 24
+$EDGEC generate --device "$DEVICE" --token-file "$WORK/token" --tune-job latest --draft-tokens 2 \
   --prompt "The history of the English novel" -n 24
