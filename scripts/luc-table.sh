@@ -4,6 +4,10 @@
 # (ctx 512, llama.cpp protocol). Writes $OUT/luc.jsonl (one line per run) and prints a table.
 #
 #   SAMPLES=32 SEQ=512 CHUNKS=   scripts/luc-table.sh        # CHUNKS empty = the whole file
+#
+# The profile measures every layer's end-to-end loss delta for three candidates
+# (E2E_CANDIDATES, on E2E_SAMPLES samples), which `--objective loss-fit` (OBJECTIVE) turns
+# into per-layer loss gains; every method reads the same profile and objective.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-luc-out}
@@ -13,31 +17,35 @@ CSAMPLES=${CSAMPLES:-$SAMPLES}
 CSEQ=${CSEQ:-$SEQ}
 CHUNKS=${CHUNKS:-}
 METHODS=${METHODS:-uniform edge-llm optimal}
+OBJECTIVE=${OBJECTIVE:-loss-fit}
+E2E_CANDIDATES=${E2E_CANDIDATES:-3b-g32-asym,3b-g32-asym-s0.50,4b-g32-asym-s0.30}
+E2E_SAMPLES=${E2E_SAMPLES:-4}
 BUDGETS=${BUDGETS:-bits=3.5 bits=4,sparsity=0.3 bits=3,sparsity=0.5}
 mkdir -p "$OUT"
-cargo build --release --bin edgec
-E=target/release/edgec
+if [ -z "${EDGEC:-}" ]; then cargo build --release --bin edgec; fi
+E=${EDGEC:-target/release/edgec}
 M=$(scripts/fetch-model.sh)
 chunks=(); [ -n "$CHUNKS" ] && chunks=(--chunks "$CHUNKS")
 if [ ! -f "$OUT/sensitivity.json" ]; then
   /usr/bin/time -v $E profile --model "$M" --calib data/austen/train.txt --samples "$SAMPLES" --seq "$SEQ" \
+    --e2e-layers all --e2e-candidates "$E2E_CANDIDATES" --e2e-samples "$E2E_SAMPLES" \
     -o "$OUT/sensitivity.json" 2> "$OUT/profile.time"
 fi
 : > "$OUT/luc.jsonl"
 for B in $BUDGETS; do
   for METHOD in $METHODS; do
     tag="$(echo "$B" | tr ',=' '__')-$METHOD"
-    if ! $E policy --profile "$OUT/sensitivity.json" --budget "$B" --method "$METHOD" -o "$OUT/$tag.toml" > "$OUT/$tag.policy.txt" 2>&1; then
+    if ! $E policy --profile "$OUT/sensitivity.json" --budget "$B" --method "$METHOD" --objective "$OBJECTIVE" -o "$OUT/$tag.toml" > "$OUT/$tag.policy.txt" 2>&1; then
       echo "{\"budget\":\"$B\",\"method\":\"$METHOD\",\"error\":\"policy failed\"}" >> "$OUT/luc.jsonl"; continue
     fi
     $E compress --model "$M" --policy "$OUT/$tag.toml" --calib data/austen/train.txt \
       --samples "$CSAMPLES" --seq "$CSEQ" -o "$OUT/$tag" --json > "$OUT/$tag.compress.json"
     $E eval --model "$OUT/$tag" --text data/austen/test.txt --ctx 512 "${chunks[@]}" --json > "$OUT/$tag.eval.json"
-    python3 - "$B" "$METHOD" "$OUT/$tag.compress.json" "$OUT/$tag.eval.json" >> "$OUT/luc.jsonl" <<'PY'
+    python3 - "$B" "$METHOD" "$OUT/$tag.compress.json" "$OUT/$tag.eval.json" "$OBJECTIVE" >> "$OUT/luc.jsonl" <<'PY'
 import json, sys
 b, m, c, e = sys.argv[1:5]
 c, e = json.load(open(c)), json.load(open(e))
-print(json.dumps({"budget": b, "method": m, "linear_bytes": c["linear_bytes"], "bits_per_weight": c["bits_per_weight"],
+print(json.dumps({"budget": b, "method": m, "objective": sys.argv[5], "linear_bytes": c["linear_bytes"], "bits_per_weight": c["bits_per_weight"],
                   "sparsity": c["sparsity"], "perplexity": e["perplexity"], "chunks": e["chunks"]}))
 PY
     tail -n 1 "$OUT/luc.jsonl"
