@@ -83,6 +83,7 @@ fn profile(candidates: Vec<Candidate>, shapes: &[Vec<(usize, usize)>], nmse: &[V
             .collect(),
         base_loss: 3.0,
         end_to_end: vec![],
+        context: None,
     }
 }
 

@@ -240,3 +240,108 @@ fn bad_inputs_give_clear_errors() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn end_to_end_deltas_in_the_context_of_a_compressed_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file(dir.path(), 3000);
+    let model = common::tiny_llama();
+    let m = model.to_str().unwrap();
+    // The context: the fixture with every layer at 4-bit RTN, as `edgec compress` makes it.
+    let mut pol = String::from("model = \"tiny\"\nmethod = \"uniform\"\nbudget = \"bits=4\"\n");
+    for i in 0..4 {
+        pol += &format!(
+            "\n[[layer]]\nindex = {i}\nbits = 4\ngroup = 32\nscheme = \"asym\"\nsparsity = 0.0\n\
+             pattern = \"unstructured\"\nquantizer = \"rtn\"\npruner = \"magnitude\"\n"
+        );
+    }
+    let pol_path = dir.path().join("q4.toml");
+    std::fs::write(&pol_path, pol).unwrap();
+    let q4 = dir.path().join("q4");
+    let o = edgec(&[
+        "compress",
+        "-m",
+        m,
+        "--policy",
+        pol_path.to_str().unwrap(),
+        "-o",
+        q4.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = |name: &str, context: Option<&Path>| -> Sensitivity {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "profile",
+            "-m",
+            m,
+            "--calib-tokens",
+            &tokens,
+            "--samples",
+            "4",
+            "--seq",
+            "64",
+            "--bits",
+            "2,4",
+            "--sparsity",
+            "0",
+            "--nm",
+            "none",
+            "--quantizer",
+            "rtn",
+            "--e2e-layers",
+            "all",
+            "--e2e-candidates",
+            "2b-g32-asym,4b-g32-asym",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if let Some(c) = context {
+            args.extend(["--context", c.to_str().unwrap()]);
+        }
+        let o = edgec(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Sensitivity::from_json(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let plain = run("plain.json", None);
+    // The model itself as its own context: the same deltas.
+    let own = run("own.json", Some(&model));
+    assert_eq!(own.context.as_deref(), Some(m));
+    assert!(
+        (own.base_loss - plain.base_loss).abs() < 1e-9,
+        "{} vs {}",
+        own.base_loss,
+        plain.base_loss
+    );
+    for (a, b) in own.end_to_end.iter().zip(&plain.end_to_end) {
+        assert_eq!((a.layer, a.candidate), (b.layer, b.candidate));
+        assert!((a.loss_delta - b.loss_delta).abs() < 1e-9, "{a:?} vs {b:?}");
+    }
+    // In the 4-bit model: its base loss is its own, replacing a layer by the same 4-bit RTN
+    // weights changes nothing, and 2-bit layers change the loss (the fixture's random
+    // weights may even gain from them).
+    let ctx = run("ctx.json", Some(&q4));
+    assert_eq!(plain.end_to_end.len(), 8);
+    assert_eq!(ctx.end_to_end.len(), 8);
+    assert!((ctx.base_loss - plain.base_loss).abs() > 1e-6);
+    let four = ctx.candidates.iter().position(|c| c.bits == 4).unwrap();
+    for e in &ctx.end_to_end {
+        if e.candidate == four {
+            assert!(e.loss_delta.abs() < 1e-5, "{e:?}");
+        } else {
+            assert!(e.loss_delta.abs() > 1e-4, "{e:?}");
+        }
+    }
+    // A context that cannot be loaded is refused.
+    let o = edgec(&[
+        "profile",
+        "-m",
+        m,
+        "--calib-tokens",
+        &tokens,
+        "--context",
+        "/nonexistent-model",
+        "-o",
+        "/tmp/x.json",
+    ]);
+    assert!(!o.status.success());
+}

@@ -91,6 +91,12 @@ pub struct ProfileArgs {
     /// dense candidates of each bit-width).
     #[arg(long, value_delimiter = ',')]
     e2e_candidates: Option<Vec<String>>,
+    /// Measure the end-to-end deltas inside this model (e.g. the profiled model compressed at
+    /// a base policy by `edgec compress`): each is the loss change of replacing one of its
+    /// layers by the candidate, so the deltas see the other layers' errors (`edgec policy
+    /// --objective loss-measured` reads them).
+    #[arg(long, value_name = "MODEL")]
+    context: Option<PathBuf>,
     /// Samples the end-to-end loss is computed on.
     #[arg(long, default_value_t = 2)]
     e2e_samples: usize,
@@ -227,6 +233,13 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
         e2e_layers,
         e2e_candidates,
         e2e_samples: a.e2e_samples,
+        context: match &a.context {
+            Some(path) => Some((
+                std::sync::Arc::new(super::load_model(path, &Default::default())?.graph),
+                path.display().to_string(),
+            )),
+            None => None,
+        },
         model: a.model.model.display().to_string(),
         calib_file: calib.display().to_string(),
     };

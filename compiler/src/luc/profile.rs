@@ -103,6 +103,10 @@ pub struct ProfileConfig {
     pub e2e_layers: Vec<usize>,
     pub e2e_candidates: Vec<usize>,
     pub e2e_samples: usize,
+    /// Measure the end-to-end deltas in this model instead (same architecture, typically
+    /// the profiled model compressed at a base policy): the loss change of replacing one
+    /// of its layers by the candidate, so that the deltas see the other layers' errors.
+    pub context: Option<(std::sync::Arc<Graph>, String)>,
     /// Names recorded in the output.
     pub model: String,
     pub calib_file: String,
@@ -141,13 +145,33 @@ pub fn profile(
 
     let exec = Executor::new(std::sync::Arc::new(g.clone()))?;
     let mut x = embed(g, samples)?;
-    let base_loss = loss_from(
-        &exec,
-        &LayerIds::new(g, 0)?,
-        &x[..e2e_samples],
-        &samples[..e2e_samples],
-        seq,
-    )?;
+    // The model the end-to-end deltas are measured in, and its hidden states entering the
+    // current layer (the profiled model's own unless `context` is given).
+    let context = match &cfg.context {
+        Some((c, _)) => {
+            anyhow::ensure!(
+                c.config.num_layers == layers && c.config.hidden_size == g.config.hidden_size,
+                "the context model's shape ({} layers x {}) is not the profiled model's ({layers} x {})",
+                c.config.num_layers,
+                c.config.hidden_size,
+                g.config.hidden_size
+            );
+            let cx = embed(c, &samples[..e2e_samples])?;
+            Some((c.clone(), Executor::new(c.clone())?, cx))
+        }
+        None => None,
+    };
+    let mut context = context;
+    let base_loss = match &context {
+        Some((c, ce, cx)) => loss_from(ce, &LayerIds::new(c, 0)?, cx, &samples[..e2e_samples], seq)?,
+        None => loss_from(
+            &exec,
+            &LayerIds::new(g, 0)?,
+            &x[..e2e_samples],
+            &samples[..e2e_samples],
+            seq,
+        )?,
+    };
     tick(1);
 
     let mut out_layers = vec![];
@@ -197,10 +221,23 @@ pub fn profile(
                 Ok((nmse(&y, reference), lin_nmse))
             })
             .collect::<anyhow::Result<_>>()?;
+        let context_ids = match &context {
+            Some((c, _, _)) => Some(LayerIds::new(c, i)?),
+            None => None,
+        };
         if cfg.e2e_layers.contains(&i) {
             for &c in &cfg.e2e_candidates {
-                let ex = executor_with(g, &ids, compress_all(&cfg.candidates[c]))?;
-                let loss = loss_from(&ex, &ids, &x[..e2e_samples], &samples[..e2e_samples], seq)?;
+                let comp = compress_all(&cfg.candidates[c]);
+                let loss = match (&context, &context_ids) {
+                    (Some((cg, _, cx)), Some(cids)) => {
+                        let ex = executor_with(cg, cids, comp)?;
+                        loss_from(&ex, cids, cx, &samples[..e2e_samples], seq)?
+                    }
+                    _ => {
+                        let ex = executor_with(g, &ids, comp)?;
+                        loss_from(&ex, &ids, &x[..e2e_samples], &samples[..e2e_samples], seq)?
+                    }
+                };
                 end_to_end.push(EndToEnd {
                     layer: i,
                     candidate: c,
@@ -225,6 +262,9 @@ pub fn profile(
                 .collect(),
         });
         x = cap.outputs;
+        if let (Some((_, ce, cx)), Some(cids)) = (&mut context, &context_ids) {
+            *cx = run_layer(ce, cids, cx, seq)?;
+        }
     }
     Ok(Sensitivity {
         model: cfg.model.clone(),
@@ -239,5 +279,6 @@ pub fn profile(
         layers: out_layers,
         base_loss,
         end_to_end,
+        context: cfg.context.as_ref().map(|(_, name)| name.clone()),
     })
 }

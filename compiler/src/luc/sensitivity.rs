@@ -30,6 +30,11 @@ pub struct Sensitivity {
     pub base_loss: f64,
     /// End-to-end loss change for a coarse subset of (layer, candidate) pairs.
     pub end_to_end: Vec<EndToEnd>,
+    /// The model the end-to-end deltas were measured in, when not the profiled model itself
+    /// (`edgec profile --context`): each delta is then the change of replacing one layer of
+    /// that (compressed) model by the candidate, and `base_loss` is that model's loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
