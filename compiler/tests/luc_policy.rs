@@ -507,15 +507,7 @@ fn loss_fit_objective_scales_linear_nmse_by_fitted_gains() {
     let err = Problem::new(&edge_profile(), Objective::LossFit).unwrap_err();
     assert!(err.contains("--e2e-layers all"), "{err}");
     // With its gain of 10, layer 0 is pruned less than when every layer counts alike.
-    let b = Budget::parse("sparsity=0.3").unwrap();
-    let s = search::search(&problem, &b, Method::Optimal, &Options::default()).unwrap();
-    let u = search::search(&linear, &b, Method::Optimal, &Options::default()).unwrap();
-    assert!(
-        p.candidates[s.choice[0]].sparsity < p.candidates[u.choice[0]].sparsity,
-        "{:?} vs {:?}",
-        s.choice,
-        u.choice
-    );
+    assert_layer0_pruned_less(&p, &problem, &linear);
 }
 
 #[test]
@@ -581,10 +573,15 @@ fn loss_weighted_objective_fits_per_layer_weights() {
     // Without deltas the objective is refused.
     assert!(Problem::new(&edge_profile(), Objective::LossWeighted).is_err());
     // Weighted, layer 0 is protected: it is pruned less than unweighted.
-    let b = Budget::parse("sparsity=0.3").unwrap();
-    let s = search::search(&problem, &b, Method::Optimal, &Options::default()).unwrap();
     let plain = Problem::new(&p, Objective::Nmse).unwrap();
-    let u = search::search(&plain, &b, Method::Optimal, &Options::default()).unwrap();
+    assert_layer0_pruned_less(&p, &problem, &plain);
+}
+
+/// At `sparsity=0.3`, `optimal` under `weighted` prunes layer 0 less than under `plain`.
+fn assert_layer0_pruned_less(p: &Sensitivity, weighted: &Problem, plain: &Problem) {
+    let b = Budget::parse("sparsity=0.3").unwrap();
+    let s = search::search(weighted, &b, Method::Optimal, &Options::default()).unwrap();
+    let u = search::search(plain, &b, Method::Optimal, &Options::default()).unwrap();
     assert!(
         p.candidates[s.choice[0]].sparsity < p.candidates[u.choice[0]].sparsity,
         "{:?} vs {:?}",

@@ -50,6 +50,20 @@ fn runtime_bin() -> PathBuf {
     runtime
 }
 
+/// Uploads a dataset file to the device.
+async fn upload_dataset(c: &mut Client, url: &str, path: &Path, sha256: &str, size: u64) {
+    let u = client::deploy::Upload {
+        device: url,
+        kind: pb::UploadKind::Dataset,
+        path,
+        sha256,
+        size,
+        chunk_bytes: 1 << 16,
+        max_attempts: 2,
+    };
+    client::deploy::upload(c, &u, Arc::new(|_| {})).await.unwrap();
+}
+
 /// A byte-level tokenizer over tiny-llama's 256-token vocabulary (one token per byte, GPT-2's
 /// byte-to-character mapping, no merges), so text prompts and perplexity work on the fixture.
 fn byte_tokenizer() -> edge_runtime::tokenizer::Tokenizer {
@@ -125,6 +139,15 @@ impl Setup {
         };
         write_bundle(&dest, &contents, key, |_, _| {}).unwrap();
         dest
+    }
+
+    /// 6,000 characters of the corpus's valid.txt as a dataset file: path, SHA-256, size.
+    fn dataset(&self) -> (PathBuf, String, u64) {
+        let data = self.path("data.txt");
+        let text = std::fs::read_to_string(common::repo().join("data/austen/valid.txt")).unwrap();
+        std::fs::write(&data, &text[..6000]).unwrap();
+        let (sha, size) = client::deploy::file_sha256(&data).unwrap();
+        (data, sha, size)
     }
 
     fn options(&self) -> DeviceOptions {
@@ -984,29 +1007,14 @@ fn tls_device_needs_the_right_ca() {
 /// exported in PEFT's layout; a cancelled job resumes from its checkpoint.
 #[test]
 fn tune_on_the_device_and_export_adapters() {
-    use edgec::client::deploy::{Upload, file_sha256, upload};
-    use pb::UploadKind;
-
     let s = Setup::new();
     let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
     let dev = s.device("dev", &[], &[]);
     assert_eq!(s.deploy(&b1, &dev, &[])["devices"][0]["activated"], true);
-    let data = s.path("data.txt");
-    let text = std::fs::read_to_string(common::repo().join("data/austen/valid.txt")).unwrap();
-    std::fs::write(&data, &text[..6000]).unwrap();
-    let (sha, size) = file_sha256(&data).unwrap();
+    let (data, sha, size) = s.dataset();
     rt().block_on(async {
         let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
-        let u = Upload {
-            device: &dev.url,
-            kind: UploadKind::Dataset,
-            path: &data,
-            sha256: &sha,
-            size,
-            chunk_bytes: 1 << 16,
-            max_attempts: 2,
-        };
-        upload(&mut c, &u, Arc::new(|_| {})).await.unwrap();
+        upload_dataset(&mut c, &dev.url, &data, &sha, size).await;
         let req = pb::TuneRequest {
             dataset_sha256: sha.clone(),
             steps: 120,
@@ -1339,17 +1347,11 @@ async fn tuned_generation_matches_local(
 /// checkpoint after a restart, losing at most one checkpoint interval.
 #[test]
 fn a_device_killed_during_tune_resumes_from_its_last_checkpoint() {
-    use edgec::client::deploy::{Upload, file_sha256, upload};
-    use pb::UploadKind;
-
     let s = Setup::new();
     let b1 = s.bundle("b1.edgeb", None, Some(&s.key));
     let mut dev = s.device("dev", &[], &[]);
     assert_eq!(s.deploy(&b1, &dev, &[])["devices"][0]["activated"], true);
-    let data = s.path("data.txt");
-    let text = std::fs::read_to_string(common::repo().join("data/austen/valid.txt")).unwrap();
-    std::fs::write(&data, &text[..6000]).unwrap();
-    let (sha, size) = file_sha256(&data).unwrap();
+    let (data, sha, size) = s.dataset();
     let req = pb::TuneRequest {
         dataset_sha256: sha.clone(),
         steps: 400,
@@ -1362,16 +1364,7 @@ fn a_device_killed_during_tune_resumes_from_its_last_checkpoint() {
     };
     let last_seen = rt().block_on(async {
         let mut c = client::connect(&dev.url, &s.options()).await.unwrap();
-        let u = Upload {
-            device: &dev.url,
-            kind: UploadKind::Dataset,
-            path: &data,
-            sha256: &sha,
-            size,
-            chunk_bytes: 1 << 16,
-            max_attempts: 2,
-        };
-        upload(&mut c, &u, Arc::new(|_| {})).await.unwrap();
+        upload_dataset(&mut c, &dev.url, &data, &sha, size).await;
         let mut stream = c.tune(req.clone()).await.unwrap().into_inner();
         // Read until a checkpoint past step 10 is reported, then the device dies.
         loop {

@@ -147,7 +147,7 @@ pub fn profile(
     let mut x = embed(g, samples)?;
     // The model the end-to-end deltas are measured in, and its hidden states entering the
     // current layer (the profiled model's own unless `context` is given).
-    let context = match &cfg.context {
+    let mut context = match &cfg.context {
         Some((c, _)) => {
             anyhow::ensure!(
                 c.config.num_layers == layers && c.config.hidden_size == g.config.hidden_size,
@@ -161,7 +161,6 @@ pub fn profile(
         }
         None => None,
     };
-    let mut context = context;
     let base_loss = match &context {
         Some((c, ce, cx)) => loss_from(ce, &LayerIds::new(c, 0)?, cx, &samples[..e2e_samples], seq)?,
         None => loss_from(
@@ -226,18 +225,14 @@ pub fn profile(
             None => None,
         };
         if cfg.e2e_layers.contains(&i) {
+            // The model the deltas are measured in, this layer's ids in it, and its inputs.
+            let (e2e_graph, e2e_ids, e2e_x) = match (&context, &context_ids) {
+                (Some((cg, _, cx)), Some(cids)) => (&**cg, cids, &cx[..]),
+                _ => (g, &ids, &x[..e2e_samples]),
+            };
             for &c in &cfg.e2e_candidates {
-                let comp = compress_all(&cfg.candidates[c]);
-                let loss = match (&context, &context_ids) {
-                    (Some((cg, _, cx)), Some(cids)) => {
-                        let ex = executor_with(cg, cids, comp)?;
-                        loss_from(&ex, cids, cx, &samples[..e2e_samples], seq)?
-                    }
-                    _ => {
-                        let ex = executor_with(g, &ids, comp)?;
-                        loss_from(&ex, &ids, &x[..e2e_samples], &samples[..e2e_samples], seq)?
-                    }
-                };
+                let ex = executor_with(e2e_graph, e2e_ids, compress_all(&cfg.candidates[c]))?;
+                let loss = loss_from(&ex, e2e_ids, e2e_x, &samples[..e2e_samples], seq)?;
                 end_to_end.push(EndToEnd {
                     layer: i,
                     candidate: c,

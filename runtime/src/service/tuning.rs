@@ -17,6 +17,7 @@ use tonic::Status;
 use super::model::Model;
 use super::store::hex;
 use crate::train::job::{JobEnd, JobSpec, run_job};
+use crate::train::lora::Module;
 use crate::train::tune::{TuneConfig, TuneMode};
 
 /// Running jobs and their cancel flags.
@@ -69,17 +70,7 @@ pub fn job_spec(req: &pb::TuneRequest, model: &Model) -> Result<JobSpec, Status>
         return bad(format!("seq_len {seq} is outside 2..={}", model.max_positions()));
     }
     let targets: Vec<String> = if req.targets.is_empty() {
-        [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec()
+        Module::ALL.iter().map(|m| m.peft_name().to_string()).collect()
     } else {
         req.targets.split(',').map(|t| t.trim().to_string()).collect()
     };
