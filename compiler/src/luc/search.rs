@@ -361,16 +361,23 @@ impl<'a> Problem<'a> {
     }
 }
 
-/// Per-layer weights for [`Objective::LossWeighted`] (see the module docs).
-fn loss_weights(p: &Sensitivity) -> Result<Vec<f64>, String> {
+/// Per layer, the least-squares slope through the origin of the profile's end-to-end loss
+/// deltas against `x(layer, candidate)`, `Σ Δloss·x / Σ x²` over the layer's measured pairs
+/// (`None` for a layer without pairs of non-zero `x`).
+fn fit_through_origin(p: &Sensitivity, x: impl Fn(usize, usize) -> f64) -> Vec<Option<f64>> {
     let n = p.layers.len();
     let (mut num, mut den) = (vec![0.0; n], vec![0.0; n]);
     for e in &p.end_to_end {
-        let x = p.layers[e.layer].nmse[e.candidate];
-        num[e.layer] += e.loss_delta * x;
-        den[e.layer] += x * x;
+        let v = x(e.layer, e.candidate);
+        num[e.layer] += e.loss_delta * v;
+        den[e.layer] += v * v;
     }
-    let fitted: Vec<Option<f64>> = (0..n).map(|l| (den[l] > 0.0).then(|| num[l] / den[l])).collect();
+    (0..n).map(|l| (den[l] > 0.0).then(|| num[l] / den[l])).collect()
+}
+
+/// Per-layer weights for [`Objective::LossWeighted`] (see the module docs).
+fn loss_weights(p: &Sensitivity) -> Result<Vec<f64>, String> {
+    let fitted = fit_through_origin(p, |l, c| p.layers[l].nmse[c]);
     let known: Vec<f64> = fitted.iter().flatten().copied().collect();
     if known.is_empty() {
         return Err(
@@ -393,15 +400,10 @@ fn loss_weights(p: &Sensitivity) -> Result<Vec<f64>, String> {
 /// predicted error of candidate `c` at layer `l`.
 fn loss_gains(p: &Sensitivity, err: &[Vec<f64>]) -> Result<Vec<f64>, String> {
     let n = err.len();
-    let (mut num, mut den) = (vec![0.0; n], vec![0.0; n]);
-    for e in &p.end_to_end {
-        let x = err[e.layer][e.candidate];
-        num[e.layer] += e.loss_delta * x;
-        den[e.layer] += x * x;
-    }
-    let known: Vec<(usize, f64)> = (0..n)
-        .filter(|&l| den[l] > 0.0)
-        .map(|l| (l, num[l] / den[l]))
+    let known: Vec<(usize, f64)> = fit_through_origin(p, |l, c| err[l][c])
+        .into_iter()
+        .enumerate()
+        .filter_map(|(l, g)| g.map(|g| (l, g)))
         .collect();
     if known.is_empty() {
         return Err(
