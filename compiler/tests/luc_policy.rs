@@ -89,10 +89,22 @@ fn profile(candidates: Vec<Candidate>, shapes: &[Vec<(usize, usize)>], nmse: &[V
 
 /// Brute force over every policy: the least error among those the budget admits.
 fn brute_force(problem: &Problem, budget: &Budget) -> Option<(f64, Vec<usize>)> {
+    brute_force_pinned(problem, budget, &[])
+}
+
+/// Brute force over the policies that give each pinned layer its pinned candidate.
+fn brute_force_pinned(
+    problem: &Problem,
+    budget: &Budget,
+    pins: &[(usize, usize)],
+) -> Option<(f64, Vec<usize>)> {
     let (nl, nc) = (problem.layers(), problem.candidates());
     let mut best: Option<(f64, Vec<usize>)> = None;
     for code in 0..nc.pow(nl as u32) {
         let choice: Vec<usize> = (0..nl).map(|l| code / nc.pow(l as u32) % nc).collect();
+        if pins.iter().any(|&(l, c)| choice[l] != c) {
+            continue;
+        }
         let (err, usage) = problem.evaluate(&choice);
         if budget.admits(&usage) && best.as_ref().is_none_or(|b| err < b.0) {
             best = Some((err, choice));
@@ -789,4 +801,126 @@ fn linear_nmse_objective_averages_the_linears() {
     assert!((prob.error(0, 1) - (2.0 / 3.0 * 0.4 + 1.0 / 3.0 * 1.0)).abs() < 1e-12);
     let nmse = Problem::new(&p, Objective::Nmse).unwrap();
     assert_eq!(nmse.error(0, 1), 0.002);
+}
+
+#[test]
+fn pinned_knapsack_is_the_brute_force_optimum_around_its_pins() {
+    let mut rng = Rng(11);
+    let mut checked = 0;
+    for _ in 0..40 {
+        let p = random_instance(&mut rng, 4, 4);
+        let problem = Problem::new(&p, Objective::Nmse).unwrap();
+        for budget in random_budgets(&mut rng, &problem) {
+            let pins = vec![(rng.below(4) as usize, rng.below(4) as usize)];
+            let want = brute_force_pinned(&problem, &budget, &pins).map(|b| b.0);
+            match search::optimal_pinned(&problem, &budget, &Options::default(), &pins) {
+                Ok(s) => {
+                    assert!(budget.admits(&s.usage), "pinned optimum breaks {budget}");
+                    assert_eq!(s.choice[pins[0].0], pins[0].1, "the pin is not kept");
+                    let want = want.expect("brute force finds a policy too");
+                    if s.lower_bound == Some(s.error) {
+                        assert!(
+                            (s.error - want).abs() <= 1e-9 * want.max(1.0),
+                            "{} vs {want}",
+                            s.error
+                        );
+                        checked += 1;
+                    }
+                }
+                Err(_) => assert!(want.is_none(), "knapsack finds nothing, brute force {want:?}"),
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} exact pinned instances");
+}
+
+/// A true loss the per-layer prediction does not see: the predicted error plus a large
+/// penalty whenever layer 0 is pruned (its damage compounds in the layers above).
+fn compounding_loss(p: &Sensitivity, choice: &[usize]) -> f64 {
+    let predicted: f64 = choice.iter().enumerate().map(|(l, &c)| p.layers[l].nmse[c]).sum();
+    predicted
+        + if p.candidates[choice[0]].sparsity > 0.0 {
+            10.0
+        } else {
+            0.0
+        }
+}
+
+#[test]
+fn measured_refinement_finds_what_the_prediction_misses_and_keeps_only_gains() {
+    use edgec::luc::refine;
+    let cands = vec![cand(3, 0.0), cand(3, 0.5), cand(4, 0.0), cand(4, 0.5)];
+    let shapes = vec![vec![(16, 32)]; 5];
+    // Layer 0 is the cheapest to prune by the profile, so the knapsack prunes it.
+    let nmse: Vec<Vec<f64>> = (0..5)
+        .map(|l| {
+            let k = if l == 0 { 0.1 } else { 1.0 + l as f64 * 0.1 };
+            vec![0.2 * k, 1.0 * k, 0.1 * k, 0.8 * k]
+        })
+        .collect();
+    // Layer-output nmse ranks layer 0 first (it is what the refinement visits first).
+    let mut p = profile(cands, &shapes, &nmse);
+    p.layers[0].nmse = vec![5.0, 9.0, 4.0, 8.0];
+    for l in &mut p.layers[1..] {
+        l.linears[0].nmse = l.nmse.clone();
+    }
+    let problem = Problem::new(&p, Objective::LinearNmse).unwrap();
+    let budget = Budget::parse("bits=3.4,sparsity=0.2").unwrap();
+    let opts = Options::default();
+    let start = search::search(&problem, &budget, Method::Optimal, &opts).unwrap();
+    assert!(
+        p.candidates[start.choice[0]].sparsity > 0.0,
+        "the knapsack alone prunes layer 0"
+    );
+    let start_loss = compounding_loss(&p, &start.choice);
+    let mut seen = vec![];
+    let (kept, trials) = refine::refine(
+        &problem,
+        &budget,
+        &opts,
+        start,
+        3,
+        |choice| Ok(compounding_loss(&p, choice)),
+        |t| seen.push(t.loss),
+    )
+    .unwrap();
+    assert_eq!(seen.len(), trials.len());
+    assert!(
+        trials.len() >= 2 && trials.len() <= 4,
+        "{} trials for 3 moves",
+        trials.len()
+    );
+    assert_eq!(
+        p.candidates[kept.choice[0]].sparsity, 0.0,
+        "refinement keeps layer 0 dense"
+    );
+    assert!(budget.admits(&kept.usage));
+    let kept_loss = compounding_loss(&p, &kept.choice);
+    assert!(kept_loss < start_loss - 5.0, "{kept_loss} vs {start_loss}");
+    // The kept policy is the best measured one, and every trial meets the budget.
+    let best = trials.iter().map(|t| t.loss).fold(f64::INFINITY, f64::min);
+    assert_eq!(kept_loss, best);
+    let mut running = f64::INFINITY;
+    for t in &trials {
+        assert!(budget.admits(&problem.evaluate(&t.choice).1));
+        assert_eq!(
+            t.accepted,
+            t.loss < running,
+            "a trial is kept exactly when it beats the best so far"
+        );
+        running = running.min(t.loss);
+    }
+    // A failing measurement is an error, not a silently kept policy.
+    let start = search::search(&problem, &budget, Method::Optimal, &opts).unwrap();
+    let err = refine::refine(
+        &problem,
+        &budget,
+        &opts,
+        start,
+        2,
+        |_| anyhow::bail!("disk full"),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("disk full"));
 }

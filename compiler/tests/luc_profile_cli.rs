@@ -345,3 +345,130 @@ fn end_to_end_deltas_in_the_context_of_a_compressed_model() {
     ]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn policy_refined_by_measurement_keeps_the_best_measured_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file(dir.path(), 3000);
+    let prof = dir.path().join("sens.json");
+    let model = common::tiny_llama();
+    let m = model.to_str().unwrap();
+    let o = edgec(&[
+        "profile",
+        "-m",
+        m,
+        "--calib-tokens",
+        &tokens,
+        "--samples",
+        "4",
+        "--seq",
+        "64",
+        "--bits",
+        "2,3,4",
+        "--sparsity",
+        "0,0.5",
+        "--nm",
+        "none",
+        "--e2e-layers",
+        "0",
+        "--e2e-samples",
+        "1",
+        "-o",
+        prof.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("p.toml");
+    let trials = dir.path().join("trials.jsonl");
+    let o = edgec(&[
+        "policy",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--budget",
+        "bits=3,sparsity=0.25",
+        "--refine",
+        "3",
+        "--model",
+        m,
+        "--calib",
+        &tokens,
+        "--refine-text",
+        &tokens,
+        "--token-ids",
+        "--samples",
+        "2",
+        "--seq",
+        "64",
+        "--refine-samples",
+        "3",
+        "--trials-out",
+        trials.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["bits"].as_f64().unwrap() <= 3.0 + 1e-9 && v["sparsity"].as_f64().unwrap() >= 0.25 - 1e-9);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&trials)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!((2..=4).contains(&lines.len()), "{} trials", lines.len());
+    assert!(lines[0]["pins"].as_array().unwrap().is_empty());
+    // The policy written is the measured best, and every trial's loss is a real loss.
+    let best = lines
+        .iter()
+        .min_by(|a, b| {
+            a["loss"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&b["loss"].as_f64().unwrap())
+        })
+        .unwrap();
+    assert!(lines.iter().all(|t| t["loss"].as_f64().unwrap().is_finite()));
+    let labels: Vec<String> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["label"].as_str().unwrap().to_string())
+        .collect();
+    let best: Vec<String> = best["choice"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(labels, best);
+    // Refinement without the text to measure on, or on another method: clear errors.
+    let o = edgec(&[
+        "policy",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--budget",
+        "bits=3",
+        "--refine",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--refine-text"));
+    let o = edgec(&[
+        "policy",
+        "--profile",
+        prof.to_str().unwrap(),
+        "--budget",
+        "bits=3",
+        "--method",
+        "uniform",
+        "--refine",
+        "1",
+        "--refine-text",
+        &tokens,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("optimal"));
+}

@@ -4,10 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
+use edgec::eval::parse_token_file;
 use edgec::luc::budget::Budget;
+use edgec::luc::compress::compress_graph;
 use edgec::luc::policy::{LayerPolicy, Policy};
 use edgec::luc::search::{self, Method, Objective, Options, Problem, Solution};
 use edgec::luc::sensitivity::Sensitivity;
+use edgec::luc::{calib, refine};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -55,7 +58,15 @@ edge-llm  the paper's heuristic: sparsity L*P*(1-s_i)/sum(1-s_j) from min-max-sc
 layers above the mean quantization nmse get the high bit-width, the rest the base; (base, high) and P \
 chosen so the budget holds after snapping each layer to the nearest grid candidate of its bit-width\n  \
 uniform   the single grid candidate with the lowest predicted error that meets the budget on every \
-layer (no mixing: bits=3.5 on a {2,3,4,8} grid gives 3 bits)"
+layer (no mixing: bits=3.5 on a {2,3,4,8} grid gives 3 bits)\n\n\
+REFINEMENT (optimal --refine N --refine-text HELD_OUT.txt)\n  \
+The knapsack's predicted error adds up single-layer measurements; compressing all layers at once is not \
+additive (an early layer's error reaches every layer above, which is then compressed on damaged inputs). \
+--refine measures instead: it compresses the whole model by the knapsack policy (GPTQ/SparseGPT on --samples \
+x --seq tokens of --calib, as `edgec compress`) and takes its loss on --refine-samples x --seq tokens of \
+--refine-text; then, for the layers in decreasing order of their layer-output nmse, it pins the layer to \
+its dense candidate (or, when dense, the next bit-width), re-solves the knapsack around the pins, measures, \
+and keeps the move when the loss went down. Every policy tried meets the budget. Cost: N+1 compressions."
 )]
 pub struct PolicyArgs {
     /// Sensitivity profile written by `edgec profile`.
@@ -80,6 +91,37 @@ pub struct PolicyArgs {
     /// added to this one's (candidates matched by label); repeatable.
     #[arg(long, value_name = "PROFILE")]
     extra_e2e: Vec<PathBuf>,
+    /// Refine `optimal` by measurement: after the knapsack, try up to N more policies, each
+    /// the knapsack optimum with one more layer protected (kept dense, or given more bits),
+    /// compress the whole model by each exactly as `edgec compress` does, and keep the one
+    /// with the lowest loss on --refine-text (see REFINEMENT below). 0: no refinement.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    refine: usize,
+    /// Refinement: the model to compress (default: the profile's `model`).
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Refinement: calibration text for GPTQ / SparseGPT (default: the profile's calibration file).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Refinement: calibration samples per compression.
+    #[arg(long, default_value_t = 8)]
+    samples: usize,
+    /// Refinement: tokens per calibration and measurement sample.
+    #[arg(long, default_value_t = 512)]
+    seq: usize,
+    /// Refinement: held-out text the loss is measured on (never the text you report on).
+    #[arg(long, value_name = "FILE")]
+    refine_text: Option<PathBuf>,
+    /// Refinement: measurement samples (of --seq tokens, spread over --refine-text).
+    #[arg(long, default_value_t = 16)]
+    refine_samples: usize,
+    /// Refinement: --calib and --refine-text hold token ids (whitespace-separated integers,
+    /// as `edgec profile --calib-tokens` reads) instead of text.
+    #[arg(long)]
+    token_ids: bool,
+    /// Refinement: write every measured policy as a JSON line to this file.
+    #[arg(long, value_name = "FILE")]
+    trials_out: Option<PathBuf>,
     /// Largest dynamic-programming table for `optimal` (states).
     #[arg(long, default_value_t = 1 << 22)]
     max_states: usize,
@@ -122,7 +164,14 @@ pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
         objective,
         max_states: a.max_states,
     };
-    let sol = search::search(&problem, &a.budget, method, &opts).map_err(|e| anyhow!(e))?;
+    let mut sol = search::search(&problem, &a.budget, method, &opts).map_err(|e| anyhow!(e))?;
+    if a.refine > 0 {
+        anyhow::ensure!(
+            method == Method::Optimal,
+            "--refine refines the `optimal` method's policy (method is {method})"
+        );
+        sol = refine_by_measurement(&a, &profile, &problem, &opts, sol)?;
+    }
     let policy = to_policy(&profile, &a.budget, &sol);
     policy.save(&a.output).map_err(|e| anyhow!(e))?;
     if a.json {
@@ -137,28 +186,113 @@ pub fn run(a: PolicyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn to_policy(profile: &Sensitivity, budget: &Budget, sol: &Solution) -> Policy {
+/// Measured refinement (`--refine N`): see `edgec::luc::refine`.
+fn refine_by_measurement(
+    a: &PolicyArgs,
+    profile: &Sensitivity,
+    problem: &Problem,
+    opts: &Options,
+    start: Solution,
+) -> anyhow::Result<Solution> {
+    let text_path = a
+        .refine_text
+        .as_ref()
+        .ok_or_else(|| anyhow!("--refine needs --refine-text FILE (held-out text to measure the loss on)"))?;
+    let model_path = a.model.clone().unwrap_or_else(|| PathBuf::from(&profile.model));
+    let calib_path = a
+        .calib
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&profile.calibration.file));
+    let model = super::load_model(&model_path, &Default::default())?;
+    anyhow::ensure!(
+        model.graph.config.num_layers == profile.layers.len(),
+        "{} has {} decoder layers, the profile {}",
+        model_path.display(),
+        model.graph.config.num_layers,
+        profile.layers.len()
+    );
+    let tok = if a.token_ids {
+        None
+    } else {
+        Some(super::tokenizer(&model, &model_path)?)
+    };
+    let vocab = model.graph.config.vocab_size;
+    let samples = |path: &PathBuf, n: usize| -> anyhow::Result<Vec<Vec<u32>>> {
+        let text = super::read_text(path)?;
+        match &tok {
+            Some(tok) => calib::token_samples(&text, tok, n, a.seq),
+            None => parse_token_file(&text, vocab)
+                .map_err(anyhow::Error::from)
+                .and_then(|seqs| calib::samples_from_tokens(&seqs.concat(), n, a.seq, None)),
+        }
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
+    };
+    let calib_samples = samples(&calib_path, a.samples)?;
+    let eval_samples = samples(text_path, a.refine_samples)?;
+    let layers = profile.layers.len() as u64;
+    let pb = super::progress_bar(
+        (a.refine as u64 + 1) * layers,
+        "refining: compressing and measuring",
+    );
+    let mut done = 0u64;
+    let measure = |choice: &[usize]| -> anyhow::Result<f64> {
+        let policy = choice_policy(profile, &a.budget, "optimal", choice, vec![]);
+        let (graph, _) = compress_graph(&model.graph, &policy, Some(&calib_samples), |i, _| {
+            pb.set_position(done + i as u64)
+        })?;
+        done += layers;
+        let graph = std::sync::Arc::new(graph);
+        let exec = edge_runtime::Executor::new(graph.clone())?;
+        let ids = calib::LayerIds::new(&graph, 0)?;
+        let inputs = calib::embed(&graph, &eval_samples)?;
+        calib::loss_from(&exec, &ids, &inputs, &eval_samples, a.seq)
+    };
+    let mut lines = vec![];
+    let (sol, _trials) = refine::refine(problem, &a.budget, opts, start, a.refine, measure, |t| {
+        let what = if t.pins.is_empty() {
+            "start "
+        } else if t.accepted {
+            "kept  "
+        } else {
+            "undone"
+        };
+        pb.suspend(|| {
+            eprintln!(
+                "refine: {what} loss {:.5}  predicted {:.4e}  pins {:?}",
+                t.loss, t.predicted, t.pins
+            )
+        });
+        lines.push(serde_json::json!({
+            "budget": a.budget.to_string(),
+            "pins": t.pins,
+            "loss": t.loss,
+            "predicted": t.predicted,
+            "accepted": t.accepted,
+            "choice": t.choice.iter().map(|&c| profile.candidates[c].label()).collect::<Vec<_>>(),
+        }));
+    })?;
+    pb.finish_and_clear();
+    if let Some(path) = &a.trials_out {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    }
+    Ok(sol)
+}
+
+/// The policy file of a choice of candidates (one per layer).
+fn choice_policy(
+    profile: &Sensitivity,
+    budget: &Budget,
+    method: &str,
+    choice: &[usize],
+    notes: Vec<String>,
+) -> Policy {
     let name = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let mut notes = vec![
-        format!(
-            "profile: {} quantizer, {} pruner",
-            profile.quantizer, profile.pruner
-        ),
-        format!("predicted error {:.6e} ({})", sol.error, objective_note(sol)),
-        format!(
-            "average bits {:.4}, sparsity {:.4}, bytes {}",
-            sol.usage.bits(),
-            sol.usage.sparsity(),
-            sol.usage.bytes.map_or("unknown".into(), |b| b.to_string())
-        ),
-    ];
-    notes.extend(sol.notes.iter().cloned());
     Policy {
         model: profile.model.clone(),
-        method: sol.method.name().to_string(),
+        method: method.to_string(),
         budget: *budget,
-        layers: sol
-            .choice
+        layers: choice
             .iter()
             .enumerate()
             .map(|(l, &c)| {
@@ -177,6 +311,24 @@ fn to_policy(profile: &Sensitivity, budget: &Budget, sol: &Solution) -> Policy {
             .collect(),
         notes,
     }
+}
+
+fn to_policy(profile: &Sensitivity, budget: &Budget, sol: &Solution) -> Policy {
+    let mut notes = vec![
+        format!(
+            "profile: {} quantizer, {} pruner",
+            profile.quantizer, profile.pruner
+        ),
+        format!("predicted error {:.6e} ({})", sol.error, objective_note(sol)),
+        format!(
+            "average bits {:.4}, sparsity {:.4}, bytes {}",
+            sol.usage.bits(),
+            sol.usage.sparsity(),
+            sol.usage.bytes.map_or("unknown".into(), |b| b.to_string())
+        ),
+    ];
+    notes.extend(sol.notes.iter().cloned());
+    choice_policy(profile, budget, sol.method.name(), &sol.choice, notes)
 }
 
 fn objective_note(sol: &Solution) -> &'static str {

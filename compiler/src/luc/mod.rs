@@ -4,7 +4,8 @@
 //! - [`candidate`]: one compression choice for a layer (bits, group, scheme, sparsity, pattern).
 //! - [`sensitivity`]: the profile file `edgec profile` writes and `edgec policy` reads.
 //! - [`budget`], [`search`], [`policy`]: budgets, the policy search (uniform, edge-llm,
-//!   optimal knapsack) and the `policy.toml` file.
+//!   optimal knapsack) and the `policy.toml` file; [`refine`]: the measured refinement of an
+//!   `optimal` policy (whole compressed models measured on held-out text).
 
 pub mod budget;
 pub mod calib;
@@ -15,5 +16,6 @@ pub mod policy;
 pub mod profile;
 pub mod prune;
 pub mod quantize;
+pub mod refine;
 pub mod search;
 pub mod sensitivity;

@@ -649,7 +649,30 @@ fn edge_llm(problem: &Problem, budget: &Budget) -> Result<Solution, String> {
 }
 
 fn optimal(problem: &Problem, budget: &Budget, opts: &Options) -> Result<Solution, String> {
+    optimal_pinned(problem, budget, opts, &[])
+}
+
+/// `optimal` with some layers pinned: `pins` holds `(layer, candidate)` pairs, and each pinned
+/// layer may only take its candidate (the knapsack chooses the other layers around it).
+pub fn optimal_pinned(
+    problem: &Problem,
+    budget: &Budget,
+    opts: &Options,
+    pins: &[(usize, usize)],
+) -> Result<Solution, String> {
     let n = problem.layers();
+    for &(l, c) in pins {
+        if l >= n || c >= problem.candidates() {
+            return Err(format!("pin (layer {l}, candidate {c}) is out of range"));
+        }
+    }
+    // The candidates each layer may take (indices into the profile's grid).
+    let allowed: Vec<Vec<usize>> = (0..n)
+        .map(|l| match pins.iter().rev().find(|p| p.0 == l) {
+            Some(&(_, c)) => vec![c],
+            None => (0..problem.candidates()).collect(),
+        })
+        .collect();
     let params: u64 = problem.profile.layers.iter().map(|l| l.params as u64).sum();
     let limits = budget.limits(params);
     let mut caps = Vec::new();
@@ -667,17 +690,25 @@ fn optimal(problem: &Problem, budget: &Budget, opts: &Options) -> Result<Solutio
         pick.push(|u| u.bytes.expect("checked by check_each_achievable"));
     }
     let error: Vec<Vec<f64>> = (0..n)
-        .map(|l| (0..problem.candidates()).map(|c| problem.error(l, c)).collect())
+        .map(|l| allowed[l].iter().map(|&c| problem.error(l, c)).collect())
         .collect();
-    let cost: Vec<Vec<Vec<u64>>> = problem
-        .usage
-        .iter()
-        .map(|row| row.iter().map(|u| pick.iter().map(|f| f(u)).collect()).collect())
+    let cost: Vec<Vec<Vec<u64>>> = (0..n)
+        .map(|l| {
+            allowed[l]
+                .iter()
+                .map(|&c| pick.iter().map(|f| f(&problem.usage[l][c])).collect())
+                .collect()
+        })
         .collect();
     let k = knapsack(&error, &cost, &caps, opts.max_states)?.ok_or_else(|| {
-        format!("no policy meets budget `{budget}`: each constraint alone is achievable, but not all of them at once")
+        if pins.is_empty() {
+            format!("no policy meets budget `{budget}`: each constraint alone is achievable, but not all of them at once")
+        } else {
+            format!("no policy meets budget `{budget}` with layers {pins:?} pinned")
+        }
     })?;
-    let mut s = solution(problem, Method::Optimal, k.choice);
+    let choice = k.choice.iter().enumerate().map(|(l, &i)| allowed[l][i]).collect();
+    let mut s = solution(problem, Method::Optimal, choice);
     s.lower_bound = Some(k.lower_bound);
     s.notes.push(if k.exact {
         format!(
