@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use edge_runtime::bundle::{self, BundleContents, SigningKey, manifest};
 use edge_runtime::ir::Graph;
+use edgec::build_stream::{self, StreamedBuild};
 use edgec::luc::compress::compress_graph;
 use edgec::luc::policy::Policy;
 use edgec::schedule::{self, Schedule};
@@ -20,7 +21,12 @@ compress it by --policy (as `edgec compress`), plan it for each target (the sche
 tiling, residency or streaming of each weight under --memory-budget or the target's budget, arena, \
 threads; a budget no plan meets is an error saying by how much), generate the kernels of the compressed weights (each compiled for the target's ISA with Cranelift), \
 and write each bundle (graph, tokenizer, policy, kernel table, weights, target, signature) to a temporary \
-file that is renamed into place once complete."
+file that is renamed into place once complete.\n\nMEMORY\n  Without a policy, or with one that quantizes every layer by \
+round-to-nearest without pruning, the build streams: the plan and the manifest come from the weights' \
+formats and sizes, then each decoder layer is read from the (mapped) model, compressed and written, and \
+its pages released, so the build holds about one layer rather than the model (with several targets, \
+each bundle compresses the layers again). GPTQ, Wanda, SparseGPT and pruned policies compress the whole \
+model in memory first (as `edgec compress`). The bundle's bytes are the same either way."
 )]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -65,6 +71,10 @@ pub struct BuildArgs {
     /// tokenizer, allocator slack); default: measured for a SmolLM2-sized vocabulary.
     #[arg(long, value_parser = edgec::target::parse_size)]
     runtime_memory: Option<u64>,
+    /// Compress the whole model in memory before writing, even when the policy could be
+    /// streamed layer by layer (the same bytes, more memory; for comparison).
+    #[arg(long)]
+    no_stream: bool,
     /// Print a JSON report instead of text.
     #[arg(long)]
     json: bool,
@@ -143,11 +153,30 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     let paths = outputs(&a.output, &targets)?;
     let model = a.model.load()?;
     let n_layers = model.graph.config.num_layers;
-    let (graph, policy_text) = match &a.policy {
+    let policy = match &a.policy {
         Some(path) => {
             let text = super::read_text(path)?;
             let policy = Policy::parse(&text, Some(n_layers))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Some((policy, text))
+        }
+        None => None,
+    };
+    let stream_check = match &policy {
+        _ if a.no_stream => Err("--no-stream".to_string()),
+        Some((p, _)) => build_stream::streamable(p, a.calib.is_some()),
+        None => Ok(()),
+    };
+    let mut streamed: Option<StreamedBuild> = None;
+    let (graph, policy_text) = match (policy, stream_check) {
+        (policy, Ok(())) => {
+            let s = StreamedBuild::new(&model.graph, policy.as_ref().map(|p| &p.0))?;
+            let g = s.skeleton().clone();
+            streamed = Some(s);
+            (g, policy.map(|p| p.1).unwrap_or_default())
+        }
+        (Some((policy, text)), Err(why)) => {
+            tracing::info!("compressing the whole model before writing: {why}");
             let samples = match &a.calib {
                 Some(c) => {
                     let text = super::read_text(c)?;
@@ -166,7 +195,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             pb.finish_and_clear();
             (g, text)
         }
-        None => (model.graph.clone(), String::new()),
+        (None, Err(_)) => (model.graph.clone(), String::new()),
     };
     let mut kernels = vec![];
     let mut plans: Vec<Schedule> = vec![];
@@ -200,17 +229,30 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             compiler_version: format!("edgec {}", env!("CARGO_PKG_VERSION")),
             source: source.clone(),
         };
-        let pb = super::progress_bar(graph.weights.len() as u64, &format!("writing {}", t.name));
+        let what = if streamed.is_some() {
+            "compressing and writing"
+        } else {
+            "writing"
+        };
+        let pb = super::progress_bar(graph.weights.len() as u64, &format!("{what} {}", t.name));
         let sched = manifest::Schedule {
             plan_json: serde_json::to_string(plan)?,
             streamed_weights: plan.streamed_weights().iter().map(|&w| w as u32).collect(),
             memory_budget: plan.memory.budget,
             context: plan.context as u64,
         };
-        let written =
-            bundle::write_scheduled_bundle(path, &contents, Some(sched), key.as_ref(), |done, _| {
-                pb.set_position(done as u64)
-            })?;
+        let progress = |done, _| pb.set_position(done as u64);
+        let written = match streamed.as_mut() {
+            Some(s) => bundle::writer::write_streamed_bundle(
+                path,
+                &contents,
+                Some(sched),
+                key.as_ref(),
+                |i| s.weight(i).map_err(|e| format!("{e:#}")),
+                progress,
+            )?,
+            None => bundle::write_scheduled_bundle(path, &contents, Some(sched), key.as_ref(), progress)?,
+        };
         pb.finish_and_clear();
         report.push(serde_json::json!({
             "target": t.name,
@@ -227,6 +269,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             "predicted_decode_ms": plan.decode_seconds * 1e3,
             "kernels": contents.kernels.len(),
             "runs_on_this_machine": t.runs_here(),
+            "streamed_build": streamed.is_some(),
         }));
         if !a.json {
             println!(

@@ -337,20 +337,61 @@ pub fn write_scheduled_bundle(
     contents: &BundleContents<'_>,
     schedule: Option<pb::Schedule>,
     key: Option<&SigningKey>,
+    progress: impl FnMut(usize, usize),
+) -> Result<WrittenBundle, BundleError> {
+    let g = contents.graph;
+    write_weights(
+        path,
+        contents,
+        schedule,
+        key,
+        |i| Ok(g.weights[i].data.clone()),
+        false,
+        progress,
+    )
+}
+
+/// [`write_scheduled_bundle`] with the weights' bytes produced one weight at a time by
+/// `weight(i)` (for `contents.graph.weights[i]`, in order) instead of taken from the graph,
+/// whose weights then only give names, shapes, formats and sizes (their bytes are never
+/// read). Each produced weight must have its graph weight's format and shape; it is
+/// written, its mapped pages are released (`madvise(MADV_DONTNEED)`, so a producer reading
+/// a mapped model file keeps none of it resident) and it is dropped before the next is
+/// asked for. The bytes written are those [`write_scheduled_bundle`] writes for a graph
+/// holding the produced weights.
+pub fn write_streamed_bundle(
+    path: &Path,
+    contents: &BundleContents<'_>,
+    schedule: Option<pb::Schedule>,
+    key: Option<&SigningKey>,
+    weight: impl FnMut(usize) -> Result<WeightData, String>,
+    progress: impl FnMut(usize, usize),
+) -> Result<WrittenBundle, BundleError> {
+    write_weights(path, contents, schedule, key, weight, true, progress)
+}
+
+fn write_weights(
+    path: &Path,
+    contents: &BundleContents<'_>,
+    schedule: Option<pb::Schedule>,
+    key: Option<&SigningKey>,
+    mut weight: impl FnMut(usize) -> Result<WeightData, String>,
+    release: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<WrittenBundle, BundleError> {
     let g = contents.graph;
-    g.verify().map_err(|e| BundleError::Format {
+    let bad = |msg: String| BundleError::Format {
         path: path.display().to_string(),
-        msg: format!("the graph does not verify: {e}"),
-    })?;
+        msg,
+    };
+    g.verify()
+        .map_err(|e| bad(format!("the graph does not verify: {e}")))?;
     let (weights, tensors) = weight_entries(g);
     let tokenizer = match contents.tokenizer {
         Some(t) => Some(pb::Tokenizer {
-            json: t.to_json().map_err(|e| BundleError::Format {
-                path: path.display().to_string(),
-                msg: format!("serializing the tokenizer: {e}"),
-            })?,
+            json: t
+                .to_json()
+                .map_err(|e| bad(format!("serializing the tokenizer: {e}")))?,
             add_bos: t.add_bos,
             bos: t.bos,
             eos: t.eos.clone(),
@@ -373,14 +414,28 @@ pub fn write_scheduled_bundle(
     };
     let mut w = BundleWriter::create(path, manifest)?;
     let total = g.weights.len();
-    for (i, weight) in g.weights.iter().enumerate() {
-        match &weight.data {
+    for (i, declared) in g.weights.iter().enumerate() {
+        let data = weight(i).map_err(|e| bad(format!("weight `{}`: {e}", declared.name)))?;
+        if data.format() != declared.data.format() || data.shape() != declared.shape() {
+            return Err(bad(format!(
+                "weight `{}` was declared {} {:?}, {} {:?} given",
+                declared.name,
+                declared.data.format(),
+                declared.shape(),
+                data.format(),
+                data.shape()
+            )));
+        }
+        match &data {
             WeightData::Dense(t) => w.write_tensor(t.raw())?,
             WeightData::Packed(p) => {
                 for (_, buf) in p.buffers().iter() {
                     w.write_tensor(buf.as_slice())?;
                 }
             }
+        }
+        if release {
+            crate::exec_stream::release_weight(&data);
         }
         progress(i + 1, total);
     }
