@@ -128,3 +128,63 @@ fn the_skeleton_has_the_compressed_graphs_formats_and_sizes() {
     let p3 = Policy::parse(&policy_text(3, false), Some(3)).unwrap();
     assert!(StreamedBuild::new(&m.graph, Some(&p3)).is_err());
 }
+
+#[test]
+fn a_produced_weight_unlike_its_declaration_or_a_producer_error_fails_and_writes_nothing() {
+    use edge_runtime::bundle::{BundleContents, manifest, writer::write_streamed_bundle};
+    let m = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
+    let p = Policy::parse(&policy_text(4, false), Some(4)).unwrap();
+    let mut s = StreamedBuild::new(&m.graph, Some(&p)).unwrap();
+    let sk = s.skeleton().clone();
+    let contents = BundleContents {
+        graph: &sk,
+        tokenizer: None,
+        policy: String::new(),
+        target: manifest::Target::default(),
+        kernels: vec![],
+        compiler_version: "test".into(),
+        source: "fixture".into(),
+    };
+    let packed = sk
+        .weights
+        .iter()
+        .position(|w| matches!(w.data, edge_runtime::ir::WeightData::Packed(_)))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b.edgeb");
+    // The source's dense weight where the skeleton declares a packed one.
+    let e = write_streamed_bundle(
+        &out,
+        &contents,
+        None,
+        None,
+        |i| Ok(m.graph.weights[i].data.clone()),
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    let name = &sk.weights[packed].name;
+    assert!(e.contains(&format!("weight `{name}` was declared")), "{e}");
+    let e = write_streamed_bundle(
+        &out,
+        &contents,
+        None,
+        None,
+        |i| {
+            if i == packed {
+                Err("disk on fire".into())
+            } else {
+                s.weight(i).map_err(|e| e.to_string())
+            }
+        },
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(name.as_str()) && e.contains("disk on fire"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "files left behind"
+    );
+}
