@@ -5,9 +5,14 @@
 #
 #   SAMPLES=32 SEQ=512 CHUNKS=   scripts/luc-table.sh        # CHUNKS empty = the whole file
 #
+# REFINE=N (default 6) refines `optimal` by measurement (`edgec policy --refine N`): N+1 whole
+# compressions (GPTQ + SparseGPT on 8 x 512 tokens of train.txt), loss on 16 x 512 tokens of
+# valid.txt (never test.txt). REFINE=0 gives the knapsack alone.
+#
 # The profile measures every layer's end-to-end loss delta for three candidates
-# (E2E_CANDIDATES, on E2E_SAMPLES samples), which `--objective loss-fit` (OBJECTIVE) turns
-# into per-layer loss gains; every method reads the same profile and objective.
+# (E2E_CANDIDATES, on E2E_SAMPLES samples), which OBJECTIVE=loss-fit or loss-measured turns
+# into per-layer loss gains (the default objective, linear-nmse, does not need them); every
+# method reads the same profile and objective.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-luc-out}
@@ -17,7 +22,8 @@ CSAMPLES=${CSAMPLES:-$SAMPLES}
 CSEQ=${CSEQ:-$SEQ}
 CHUNKS=${CHUNKS:-}
 METHODS=${METHODS:-uniform edge-llm optimal}
-OBJECTIVE=${OBJECTIVE:-loss-fit}
+OBJECTIVE=${OBJECTIVE:-linear-nmse}
+REFINE=${REFINE:-6}
 E2E_CANDIDATES=${E2E_CANDIDATES:-3b-g32-asym,3b-g32-asym-s0.50,4b-g32-asym-s0.30}
 E2E_SAMPLES=${E2E_SAMPLES:-4}
 BUDGETS=${BUDGETS:-bits=3.5 bits=4,sparsity=0.3 bits=3,sparsity=0.5}
@@ -35,7 +41,13 @@ fi
 for B in $BUDGETS; do
   for METHOD in $METHODS; do
     tag="$(echo "$B" | tr ',=' '__')-$METHOD"
-    if ! $E policy --profile "$OUT/sensitivity.json" --budget "$B" --method "$METHOD" --objective "$OBJECTIVE" -o "$OUT/$tag.toml" > "$OUT/$tag.policy.txt" 2>&1; then
+    refine=()
+    if [ "$METHOD" = optimal ] && [ "$REFINE" -gt 0 ]; then
+      refine=(--refine "$REFINE" --refine-text data/austen/valid.txt --model "$M" --calib data/austen/train.txt
+              --trials-out "$OUT/$tag.trials.jsonl")
+    fi
+    if ! $E policy --profile "$OUT/sensitivity.json" --budget "$B" --method "$METHOD" --objective "$OBJECTIVE" \
+        "${refine[@]}" -o "$OUT/$tag.toml" > "$OUT/$tag.policy.txt" 2>&1; then
       echo "{\"budget\":\"$B\",\"method\":\"$METHOD\",\"error\":\"policy failed\"}" >> "$OUT/luc.jsonl"; continue
     fi
     $E compress --model "$M" --policy "$OUT/$tag.toml" --calib data/austen/train.txt \
