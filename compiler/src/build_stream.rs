@@ -13,11 +13,13 @@
 //! 2. The build schedules and generates kernels on the skeleton, as on the real graph.
 //! 3. The bundle writer (`bundle::writer::write_streamed_bundle`) asks
 //!    [`StreamedBuild::weight`] for each weight in order: a decoder layer's seven linears
-//!    are read from the mapped model, compressed exactly as `compress_graph` does (same
-//!    functions, same order), and their source pages released (`madvise(MADV_DONTNEED)`);
-//!    each weight is written, its mapped pages released, and dropped.
+//!    are compressed in parallel, each read from the mapped model a chunk of rows at a time
+//!    (4 Mi weights), compressed by the functions `compress_graph` uses (round-to-nearest
+//!    quantizes each row on its own, so chunks give the same bytes), and the chunk's source
+//!    pages released (`madvise(MADV_DONTNEED)`); each weight is written, its mapped pages
+//!    released, and dropped.
 //!
-//! The memory held is one layer's compression at a time. The bytes written are identical
+//! The memory held is one layer's packed linears plus a chunk per worker. The bytes written are identical
 //! to those of `compress_graph` + `write_scheduled_bundle` (tested in
 //! `compiler/tests/build_stream.rs`). Policies whose sizes depend on the data (pruning:
 //! a sparse weight's size is its kept count) or whose methods need calibration statistics
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use edge_runtime::exec_stream::release_weight;
 use edge_runtime::format::{QuantScheme, WeightFormat};
-use edge_runtime::ir::{Graph, Weight, WeightData};
+use edge_runtime::ir::{Graph, Weight, WeightData, WeightId};
 use edge_runtime::packed::{Buf, Buffers, PackedWeight};
 use memmap2::{Mmap, MmapOptions};
 use rayon::prelude::*;
@@ -80,6 +82,56 @@ pub struct StreamedBuild<'a> {
     layers: Vec<(LayerIds, Candidate)>,
     /// Compressed weights of the current layer not yet handed out.
     ready: HashMap<usize, PackedWeight>,
+    chunk_elems: usize,
+}
+
+/// Weights compressed at a time by default (see [`StreamedBuild::with_chunk_elems`]).
+const CHUNK_ELEMS: usize = 1 << 22;
+
+/// One linear by round-to-nearest, `chunk_elems` weights (whole rows) at a time: the same
+/// codes, scales and mins as compressing the whole matrix (`compress_graph`), appended
+/// buffer by buffer.
+fn compress_linear(
+    g: &Graph,
+    id: WeightId,
+    cand: &Candidate,
+    chunk_elems: usize,
+) -> anyhow::Result<PackedWeight> {
+    let method = Method {
+        quantizer: Quantizer::Rtn,
+        pruner: Pruner::Magnitude,
+    };
+    let w = g.weight(id);
+    let WeightData::Dense(t) = &w.data else {
+        // Already packed (a compressed model as the source): decoded whole, as compress_graph does.
+        let (values, rows, cols) = calib::weight_f32(g, id)?;
+        return to_packed(
+            &compress(&values, rows, cols, cand, method, None, true),
+            cand.pattern,
+        );
+    };
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let step = (chunk_elems / cols).max(1);
+    let mut parts: Vec<(&'static str, Vec<u8>)> = vec![];
+    let mut chunk = vec![];
+    for r0 in (0..rows).step_by(step) {
+        let n = step.min(rows - r0);
+        chunk.resize(n * cols, 0.0);
+        t.read_f32(r0 * cols, &mut chunk);
+        release_weight(&w.data);
+        let p = to_packed(&compress(&chunk, n, cols, cand, method, None, true), cand.pattern)?;
+        for (k, (name, b)) in p.buffers().iter().enumerate() {
+            if parts.len() == k {
+                parts.push((name, Vec::with_capacity(b.len() * rows.div_ceil(n))));
+            }
+            parts[k].1.extend_from_slice(b.as_slice());
+        }
+    }
+    let mut bufs = Buffers::default();
+    for (name, b) in parts {
+        bufs.set(name, b.into())?;
+    }
+    Ok(PackedWeight::from_parts(cand.format(), rows, cols, bufs)?)
 }
 
 /// Named buffer lengths of a packed weight.
@@ -170,6 +222,7 @@ impl<'a> StreamedBuild<'a> {
             layer_of,
             layers,
             ready: HashMap::new(),
+            chunk_elems: CHUNK_ELEMS,
         })
     }
 
@@ -179,25 +232,26 @@ impl<'a> StreamedBuild<'a> {
         &self.skeleton
     }
 
+    /// Compresses at most `elems` weights at a time (whole rows; at least one row). Round-to-
+    /// nearest quantizes each row on its own, so the packed bytes do not depend on it; the
+    /// default, 4 Mi, keeps a worker's working set near 50 MB.
+    pub fn with_chunk_elems(mut self, elems: usize) -> Self {
+        self.chunk_elems = elems.max(1);
+        self
+    }
+
     /// Compresses decoder layer `i`'s seven linears as `compress_graph` does for a
-    /// round-to-nearest layer, then releases their source pages.
+    /// round-to-nearest layer (in parallel), each a chunk of rows at a time, releasing
+    /// the source pages of each chunk once read.
     fn compress_layer(&mut self, i: usize) -> anyhow::Result<()> {
         let (ids, cand) = &self.layers[i];
-        let g = self.source;
-        let method = Method {
-            quantizer: Quantizer::Rtn,
-            pruner: Pruner::Magnitude,
-        };
+        let (g, chunk_elems) = (self.source, self.chunk_elems);
         let packed: Vec<PackedWeight> = ids
             .weights
             .par_iter()
             .map(|&id| {
-                let (w, rows, cols) = calib::weight_f32(g, id)?;
-                release_weight(&g.weight(id).data);
-                let comp = compress(&w, rows, cols, cand, method, None, true);
-                drop(w);
-                to_packed(&comp, cand.pattern)
-                    .with_context(|| format!("layer {i}: packing {}", g.weight(id).name))
+                compress_linear(g, id, cand, chunk_elems)
+                    .with_context(|| format!("layer {i}: compressing {}", g.weight(id).name))
             })
             .collect::<anyhow::Result<_>>()?;
         for (id, p) in ids.weights.iter().zip(packed) {

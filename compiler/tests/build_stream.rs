@@ -102,28 +102,34 @@ fn the_skeleton_has_the_compressed_graphs_formats_and_sizes() {
     let m = load(&common::tiny_llama(), &LoadOptions::default()).unwrap();
     let p = Policy::parse(&policy_text(4, false), Some(4)).unwrap();
     let (real, _) = compress_graph(&m.graph, &p, None, |_, _| {}).unwrap();
-    let mut s = StreamedBuild::new(&m.graph, Some(&p)).unwrap();
-    let sk = s.skeleton().clone();
-    assert_eq!(sk.weights.len(), real.weights.len());
-    let mut packed = 0;
-    for (i, (a, b)) in sk.weights.iter().zip(&real.weights).enumerate() {
-        assert_eq!(a.name, b.name);
-        assert_eq!(a.data.format(), b.data.format(), "{}", a.name);
-        assert_eq!(a.data.storage_bytes(), b.data.storage_bytes(), "{}", a.name);
-        // The produced weight is the compressed one, byte for byte.
-        let w = s.weight(i).unwrap();
-        let mut bytes = |d: &edge_runtime::ir::WeightData| -> Vec<Vec<u8>> {
-            match d {
-                edge_runtime::ir::WeightData::Dense(t) => vec![t.raw().to_vec()],
-                edge_runtime::ir::WeightData::Packed(p) => {
-                    packed += 1;
-                    p.buffers().iter().map(|(_, b)| b.as_slice().to_vec()).collect()
+    // Whole matrices (the default on the fixture), 1000 weights (a few rows) and 1 row at a time.
+    for chunk in [None, Some(1000), Some(1)] {
+        let mut s = StreamedBuild::new(&m.graph, Some(&p)).unwrap();
+        if let Some(c) = chunk {
+            s = s.with_chunk_elems(c);
+        }
+        let sk = s.skeleton().clone();
+        assert_eq!(sk.weights.len(), real.weights.len());
+        let mut packed = 0;
+        for (i, (a, b)) in sk.weights.iter().zip(&real.weights).enumerate() {
+            assert_eq!(a.name, b.name);
+            assert_eq!(a.data.format(), b.data.format(), "{}", a.name);
+            assert_eq!(a.data.storage_bytes(), b.data.storage_bytes(), "{}", a.name);
+            // The produced weight is the compressed one, byte for byte.
+            let w = s.weight(i).unwrap();
+            let mut bytes = |d: &edge_runtime::ir::WeightData| -> Vec<Vec<u8>> {
+                match d {
+                    edge_runtime::ir::WeightData::Dense(t) => vec![t.raw().to_vec()],
+                    edge_runtime::ir::WeightData::Packed(p) => {
+                        packed += 1;
+                        p.buffers().iter().map(|(_, b)| b.as_slice().to_vec()).collect()
+                    }
                 }
-            }
-        };
-        assert!(bytes(&w) == bytes(&b.data), "{}", a.name);
+            };
+            assert!(bytes(&w) == bytes(&b.data), "{} (chunk {chunk:?})", a.name);
+        }
+        assert_eq!(packed, 2 * 4 * 7);
     }
-    assert_eq!(packed, 2 * 4 * 7);
     // A policy for another depth is refused.
     let p3 = Policy::parse(&policy_text(3, false), Some(3)).unwrap();
     assert!(StreamedBuild::new(&m.graph, Some(&p3)).is_err());
