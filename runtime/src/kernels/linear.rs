@@ -136,26 +136,31 @@ pub fn linear_transposed(dy: &[f32], rows: usize, w: &WeightData, dx: &mut [f32]
         "linear_transposed: dx has {} values, expected {rows}x{k}",
         dx.len()
     );
-    dx.fill(0.0);
     if rows == 0 || n == 0 || k == 0 {
+        dx.fill(0.0);
         return;
     }
-    let mut scratch = Vec::new();
-    // Weight rows are consumed TILE_N at a time (decoded once each); gemm parallelises
-    // every tile's product, accumulating into dx.
     let par = if rows * k * TILE_N >= 1 << 16 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    for j0 in (0..n).step_by(TILE_N) {
-        let j1 = (j0 + TILE_N).min(n);
+    let mut scratch = Vec::new();
+    // Weight rows are consumed `tile` at a time, each tile decoded once (a dense f32 weight
+    // is one tile: a single product); gemm parallelises every tile's product, the first
+    // writing dx and the others accumulating into it.
+    let tile = match w {
+        WeightData::Dense(t) if t.dtype == DType::F32 => n,
+        _ => TILE_N,
+    };
+    for j0 in (0..n).step_by(tile) {
+        let j1 = (j0 + tile).min(n);
         let wf = rows_f32(w, j0, j1, k, &mut scratch);
         // SAFETY: dx is rows x k (row stride k, column stride 1), written only here;
         // lhs(i, j) = dy[i*n + j0 + j] for i < rows, j < j1 - j0 (in bounds: j0 + j < n);
         // rhs(j, c) = wf[j*k + c] for j < j1 - j0, c < k (wf holds (j1 - j0) * k values).
         // dst = alpha * dst + beta * lhs * rhs with alpha = 1 (accumulate) from the second
-        // tile on; dx was zeroed, so alpha = 1 is right for the first tile too.
+        // tile on; the first tile does not read dst (its old contents never matter).
         unsafe {
             gemm::gemm(
                 rows,
@@ -164,7 +169,7 @@ pub fn linear_transposed(dy: &[f32], rows: usize, w: &WeightData, dx: &mut [f32]
                 dx.as_mut_ptr(),
                 1,
                 k as isize,
-                true,
+                j0 > 0,
                 dy.as_ptr().add(j0),
                 1,
                 n as isize,

@@ -12,17 +12,17 @@ use crate::ops::attention::{AttnShape, softmax};
 use crate::ops::rope::RopeTable;
 
 /// RMSNorm backward. Forward: `y = x * r * w`, `r = 1/sqrt(mean(x^2) + eps)` per row.
-/// Returns `dx` (if `need_dx`) and adds `dw` into `dw_acc` (if given).
+/// Writes `dx` into `dx_out` (if given; every element is written) and adds `dw` into
+/// `dw_acc` (if given).
 pub fn rms_norm_back(
     x: &[f32],
     w: &[f32],
     eps: f32,
     dy: &[f32],
-    need_dx: bool,
+    mut dx_out: Option<&mut [f32]>,
     mut dw_acc: Option<&mut [f32]>,
-) -> Option<Vec<f32>> {
+) {
     let d = w.len();
-    let mut dx = if need_dx { vec![0.0; x.len()] } else { vec![] };
     for (r, (xr, gr)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).enumerate() {
         let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / (ss + eps).sqrt();
@@ -31,7 +31,7 @@ pub fn rms_norm_back(
                 *a += g * xv * inv;
             }
         }
-        if need_dx {
+        if let Some(dx) = dx_out.as_deref_mut() {
             // dx = r (w∘g) - x r^3 / d * Σ (w∘g∘x)
             let dot: f32 = xr.iter().zip(gr).zip(w).map(|((xv, g), wv)| xv * g * wv).sum();
             let c = inv * inv * inv * dot / d as f32;
@@ -41,20 +41,16 @@ pub fn rms_norm_back(
             }
         }
     }
-    need_dx.then_some(dx)
 }
 
 /// RoPE backward: the rotation is orthogonal, so the gradient is rotated back.
-pub fn rope_back(table: &RopeTable, dy: &[f32], heads: usize) -> Vec<f32> {
-    let mut dx = dy.to_vec();
-    table.apply_inverse(&mut dx, heads, 0);
-    dx
+/// Turns `dy` into `dx` in place.
+pub fn rope_back(table: &RopeTable, dy: &mut [f32], heads: usize) {
+    table.apply_inverse(dy, heads, 0);
 }
 
-/// SwiGLU backward. Forward: `y = silu(g) * u`.
-pub fn swiglu_back(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0.0; gate.len()];
-    let mut du = vec![0.0; gate.len()];
+/// SwiGLU backward. Forward: `y = silu(g) * u`. Writes every element of `dg` and `du`.
+pub fn swiglu_back(gate: &[f32], up: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
     dg.par_chunks_mut(4096)
         .zip(du.par_chunks_mut(4096))
         .enumerate()
@@ -67,37 +63,31 @@ pub fn swiglu_back(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>)
                 dg[i] = d * u * s * (1.0 + g * (1.0 - s));
             }
         });
-    (dg, du)
 }
 
-/// `a + b`, elementwise, in parallel chunks.
-pub fn add_par(a: &[f32], b: &[f32]) -> Vec<f32> {
-    let mut o = vec![0.0; a.len()];
-    o.par_chunks_mut(8192).enumerate().for_each(|(c, o)| {
-        let s = c * 8192;
-        for (i, x) in o.iter_mut().enumerate() {
-            *x = a[s + i] + b[s + i];
-        }
-    });
-    o
+/// `acc += b`, elementwise, in parallel chunks.
+pub fn add_assign_par(acc: &mut [f32], b: &[f32]) {
+    acc.par_chunks_mut(8192)
+        .zip(b.par_chunks(8192))
+        .for_each(|(o, b)| {
+            for (x, y) in o.iter_mut().zip(b) {
+                *x += y;
+            }
+        });
 }
 
-/// `silu(gate) * up`, elementwise, in parallel chunks (as [`crate::ops::activation::swiglu`]).
-pub fn swiglu_par(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut o = vec![0.0; gate.len()];
+/// `o = silu(gate) * up`, elementwise, in parallel chunks (as
+/// [`crate::ops::activation::swiglu`]).
+pub fn swiglu_par(gate: &[f32], up: &[f32], o: &mut [f32]) {
     o.par_chunks_mut(8192)
         .zip(gate.par_chunks(8192).zip(up.par_chunks(8192)))
         .for_each(|(o, (g, u))| crate::ops::activation::swiglu(g, u, o));
-    o
 }
 
 /// Linear backward with respect to the input: `dx = dy W` (the product with the
-/// transposed weight, in the weight's own storage format).
-pub fn linear_back(w: &WeightData, dy: &[f32], rows: usize) -> Vec<f32> {
-    let k = w.shape()[1];
-    let mut dx = vec![0.0; rows * k];
-    linear_transposed(dy, rows, w, &mut dx);
-    dx
+/// transposed weight, in the weight's own storage format; every element of `dx` written).
+pub fn linear_back(w: &WeightData, dy: &[f32], rows: usize, dx: &mut [f32]) {
+    linear_transposed(dy, rows, w, dx);
 }
 
 /// LoRA down projection `h = x A^T` (`A`: `[r, in]`).
@@ -114,18 +104,17 @@ pub fn lora_down(x: &[f32], rows: usize, a: &[f32], r: usize) -> Vec<f32> {
     h
 }
 
-/// LoRA up projection `t = scale * h B^T` (`B`: `[out, r]`).
-pub fn lora_up(h: &[f32], rows: usize, b: &[f32], r: usize, scale: f32) -> Vec<f32> {
+/// LoRA up projection `t = scale * h B^T` (`B`: `[out, r]`), or `t += scale * h B^T`
+/// with `accumulate` (the adapter's term added straight into the base projection).
+pub fn lora_up(h: &[f32], rows: usize, b: &[f32], r: usize, scale: f32, t: &mut [f32], accumulate: bool) {
     let n = b.len() / r;
-    let mut t = vec![0.0; rows * n];
     matmul(
-        ViewMut::new(&mut t, rows, n),
+        ViewMut::new(t, rows, n),
         View::new(h, rows, r),
         View::new(b, n, r).t(),
         scale,
-        false,
+        accumulate,
     );
-    t
 }
 
 /// Backward of [`lora_up`]: adds `dB = scale dt^T h` into `db`, returns `dh = scale dt B`.
@@ -157,8 +146,8 @@ pub fn lora_up_back(
     dh
 }
 
-/// Backward of [`lora_down`]: adds `dA = dh^T x` into `da`, returns `dx = dh A` if asked.
-#[allow(clippy::too_many_arguments)]
+/// Backward of [`lora_down`]: adds `dA = dh^T x` into `da`, writes `dx = dh A` into
+/// `dx_out` if given.
 pub fn lora_down_back(
     x: &[f32],
     rows: usize,
@@ -166,8 +155,8 @@ pub fn lora_down_back(
     r: usize,
     dh: &[f32],
     da: &mut [f32],
-    need_dx: bool,
-) -> Option<Vec<f32>> {
+    dx_out: Option<&mut [f32]>,
+) {
     let k = a.len() / r;
     matmul(
         ViewMut::new(da, r, k),
@@ -176,17 +165,15 @@ pub fn lora_down_back(
         1.0,
         true,
     );
-    need_dx.then(|| {
-        let mut dx = vec![0.0; rows * k];
+    if let Some(dx) = dx_out {
         matmul(
-            ViewMut::new(&mut dx, rows, k),
+            ViewMut::new(dx, rows, k),
             View::new(dh, rows, r),
             View::new(a, r, k),
             1.0,
             false,
         );
-        dx
-    })
+    }
 }
 
 /// Causal GQA attention backward for a whole sequence starting at position 0. The
@@ -301,20 +288,24 @@ pub const HEAD_CHUNK: usize = 64;
 /// The loss at an exit and its gradient, fused: `logits = x W^T` (W the head,
 /// `[vocab, d]`), shifted next-token cross-entropy of row `t` against `targets[t]`
 /// (`None`: not scored), each term weighted by `weight` (e.g. 1 / number of scored
-/// tokens in the batch). Returns `(sum of weighted terms, unweighted sum, scored count,
-/// dx)`, with `dx = d loss / d x`; `dw_acc` receives `d loss / d W` when the head trains.
+/// tokens in the batch). Returns `(sum of weighted terms, unweighted sum, scored count)`
+/// and writes `dx = d loss / d x` (every element); `dw_acc` receives `d loss / d W` when
+/// the head trains. `logits` is scratch (grown to `HEAD_CHUNK x vocab`).
+#[allow(clippy::too_many_arguments)]
 pub fn head_loss(
     x: &[f32],
     head: Head<'_>,
     targets: &[Option<u32>],
     weight: f32,
     mut dw_acc: Option<&mut [f32]>,
-) -> (f64, f64, usize, Vec<f32>) {
+    dx: &mut [f32],
+    logits: &mut Vec<f32>,
+) -> (f64, f64, usize) {
     let (vocab, d) = head.shape();
     let rows = targets.len();
-    let mut dx = vec![0.0; rows * d];
+    assert_eq!(dx.len(), rows * d, "head_loss: dx has the wrong size");
     let (mut loss, mut raw, mut count) = (0.0f64, 0.0f64, 0usize);
-    let mut logits = vec![0.0; HEAD_CHUNK.min(rows) * vocab];
+    logits.resize(HEAD_CHUNK.min(rows) * vocab, 0.0);
     let dense = match head {
         Head::Weight(w) => w.dense().and_then(|t| t.f32s()),
         Head::Trained { data, .. } => Some(data),
@@ -329,6 +320,7 @@ pub fn head_loss(
         let r1 = (r0 + HEAD_CHUNK).min(rows);
         let n = r1 - r0;
         if targets[r0..r1].iter().all(Option::is_none) {
+            dx[r0 * d..r1 * d].fill(0.0);
             continue;
         }
         let lg = &mut logits[..n * vocab];
@@ -401,7 +393,7 @@ pub fn head_loss(
             );
         }
     }
-    (loss, raw, count, dx)
+    (loss, raw, count)
 }
 
 #[cfg(test)]
@@ -479,7 +471,8 @@ mod tests {
             dotf(&o, &probe)
         };
         let mut dw = vec![0.0; d];
-        let dx = rms_norm_back(&x, &w, 1e-5, &probe, true, Some(&mut dw)).unwrap();
+        let mut dx = vec![0.0; x.len()];
+        rms_norm_back(&x, &w, 1e-5, &probe, Some(&mut dx), Some(&mut dw));
         let dir = rnd(x.len(), 10);
         assert!((fd(&f, &x, &dir) - dotf(&dx, &dir)).abs() < 2e-3);
         let fw = |w: &[f32]| {
@@ -493,7 +486,8 @@ mod tests {
 
         let (g, u) = (rnd(40, 12), rnd(40, 13));
         let p = rnd(40, 14);
-        let (dg, du) = swiglu_back(&g, &u, &p);
+        let (mut dg, mut du) = (vec![0.0; 40], vec![0.0; 40]);
+        swiglu_back(&g, &u, &p, &mut dg, &mut du);
         let fs = |g: &[f32], u: &[f32]| {
             let mut o = vec![0.0; 40];
             crate::ops::activation::swiglu(g, u, &mut o);

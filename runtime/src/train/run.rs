@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::grad;
-use super::graph::{TOp, TVal, TrainGraph, WeightRef};
+use super::graph::{TNode, TOp, TVal, TrainGraph, WeightRef};
 use super::lora::{ParamId, Params};
 use crate::error::{Result, RuntimeError};
 use crate::ir::Graph;
@@ -105,6 +105,81 @@ fn grad_or_scratch<'g>(
             scratch.as_mut_slice()
         }
     }
+}
+
+/// Buffers of freed values, kept for the next values of the step: a step allocates a few
+/// hundred `rows x width` temporaries, and fresh large allocations cost page faults and
+/// zero-filling by the kernel (about 12% of a full-depth step before this pool). Only
+/// freed buffers are kept, at most [`POOL_BYTES`], for one pass: the step's peak memory
+/// grows by that at most.
+#[derive(Default)]
+struct BufPool {
+    free: Vec<Vec<f32>>,
+    bytes: usize,
+}
+
+/// What the pool may hold: a few `rows x intermediate` temporaries at seq 256 (e.g. the
+/// LoRA term of a projection, freed as soon as it is added to the base output).
+const POOL_BYTES: usize = 4 << 20;
+
+impl BufPool {
+    /// A buffer of `len` numbers whose contents are unspecified (stale values of an
+    /// earlier buffer, or zeros): for outputs the op writes entirely.
+    fn any(&mut self, len: usize) -> Vec<f32> {
+        // Best fit, and never more than twice the size asked (no large buffer wasted on a
+        // small value).
+        let best = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len && b.capacity() <= 2 * len.max(1024))
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let mut b = self.free.swap_remove(i);
+                self.bytes -= b.capacity() * 4;
+                b.resize(len, 0.0);
+                b
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    fn give(&mut self, b: Vec<f32>) {
+        let bytes = b.capacity() * 4;
+        if b.capacity() >= 1024 && self.bytes + bytes <= POOL_BYTES {
+            self.bytes += bytes;
+            self.free.push(b);
+        }
+    }
+}
+
+fn missing(tg: &TrainGraph, node: &TNode, i: usize) -> RuntimeError {
+    RuntimeError::InvalidGraph(format!(
+        "training node `{}` reads `{}`, which was not computed",
+        node.name, tg.values[node.inputs[i].0].name
+    ))
+}
+
+/// The buffer of input `i` of `node` to overwrite: taken when `consumable` (this node is
+/// its last reader), else a pooled copy.
+fn take_or_copy(
+    vals: &mut [Option<Vec<f32>>],
+    pool: &mut BufPool,
+    tg: &TrainGraph,
+    node: &TNode,
+    i: usize,
+    consumable: bool,
+) -> Result<Vec<f32>> {
+    let v = node.inputs[i];
+    let src = vals[v.0].as_deref().ok_or_else(|| missing(tg, node, i))?;
+    if consumable {
+        return Ok(vals[v.0].take().expect("checked above"));
+    }
+    let mut o = pool.any(src.len());
+    o.copy_from_slice(src);
+    Ok(o)
 }
 
 /// Interprets training graphs of one base graph and parameter set.
@@ -215,6 +290,7 @@ impl<'a> TrainRunner<'a> {
         let g = self.graph;
         let p = self.params;
         let rows = ctx.tokens.len();
+        let mut pool = BufPool::default();
         let mut vals: Vec<Option<Vec<f32>>> = vec![None; tg.values.len()];
         for (v, x) in seeds {
             vals[v.0] = Some(x);
@@ -235,19 +311,24 @@ impl<'a> TrainRunner<'a> {
             let node = &tg.nodes[idx];
             let t0 = profile.then(std::time::Instant::now);
             let get = |i: usize| -> Result<&[f32]> {
-                vals[node.inputs[i].0].as_deref().ok_or_else(|| {
-                    RuntimeError::InvalidGraph(format!(
-                        "training node `{}` reads `{}`, which was not computed",
-                        node.name, tg.values[node.inputs[i].0].name
-                    ))
-                })
+                vals[node.inputs[i].0]
+                    .as_deref()
+                    .ok_or_else(|| missing(tg, node, i))
             };
             let width = |v: TVal| tg.values[v.0].width;
+            // Input `i` may be overwritten in place: this node is its last reader, nobody
+            // keeps it, and it is not also another input of the node.
+            let consumable = |i: usize| {
+                let v = node.inputs[i];
+                tg.last_use[v.0] == idx
+                    && !keep.contains(&v)
+                    && node.inputs.iter().filter(|&&u| u == v).count() == 1
+            };
             let mut outs: Vec<Vec<f32>> = match &node.op {
                 TOp::Embedding { table } => {
                     let t = &g.weight(*table).data;
                     let w = width(node.outputs[0]);
-                    let mut o = vec![0.0; rows * w];
+                    let mut o = pool.any(rows * w);
                     for (row, &tok) in o.chunks_exact_mut(w).zip(ctx.tokens) {
                         t.read_row_f32(tok as usize, row);
                     }
@@ -255,25 +336,27 @@ impl<'a> TrainRunner<'a> {
                 }
                 TOp::RmsNorm { weight, eps } => {
                     let w = Tensor::from_f32(vec![width(node.outputs[0])], self.norm_weight(*weight)?)?;
-                    let mut o = vec![0.0; rows * width(node.outputs[0])];
+                    let mut o = pool.any(rows * width(node.outputs[0]));
                     rms_norm(get(0)?, &w, *eps, &mut o);
                     vec![o]
                 }
                 TOp::Linear { weight } => {
-                    let mut o = vec![0.0; rows * width(node.outputs[0])];
+                    let mut o = pool.any(rows * width(node.outputs[0]));
                     linear(get(0)?, rows, &g.weight(*weight).data, &mut o);
                     vec![o]
                 }
                 TOp::LoraDown { a, rank } => vec![grad::lora_down(get(0)?, rows, &p.get(*a).data, *rank)],
                 TOp::LoraUp { b, rank, scale } => {
-                    vec![grad::lora_up(get(0)?, rows, &p.get(*b).data, *rank, *scale)]
+                    let mut o = pool.any(rows * width(node.outputs[0]));
+                    grad::lora_up(get(0)?, rows, &p.get(*b).data, *rank, *scale, &mut o, false);
+                    vec![o]
                 }
                 TOp::Rope {
                     heads,
                     head_dim,
                     theta,
                 } => {
-                    let mut o = get(0)?.to_vec();
+                    let mut o = take_or_copy(&mut vals, &mut pool, tg, node, 0, consumable(0))?;
                     rope(*theta, *head_dim).apply(&mut o, *heads, 0);
                     vec![o]
                 }
@@ -287,13 +370,27 @@ impl<'a> TrainRunner<'a> {
                         kv_heads: *kv_heads,
                         head_dim: *head_dim,
                     };
-                    let mut o = vec![0.0; rows * heads * head_dim];
+                    let mut o = pool.any(rows * heads * head_dim);
                     let mut kv = KvSlot::new(rows, kv_heads * head_dim);
                     attention(shape, get(0)?, get(1)?, get(2)?, &mut kv, 0, &mut o);
                     vec![o]
                 }
-                TOp::SwiGlu => vec![grad::swiglu_par(get(0)?, get(1)?)],
-                TOp::Add | TOp::GradSum => vec![grad::add_par(get(0)?, get(1)?)],
+                TOp::SwiGlu => {
+                    let mut o = pool.any(get(0)?.len());
+                    grad::swiglu_par(get(0)?, get(1)?, &mut o);
+                    vec![o]
+                }
+                TOp::Add | TOp::GradSum => {
+                    // In place into an input this node reads last (e.g. the base
+                    // projection's output, the LoRA term added to it).
+                    let (acc, other) = if consumable(0) { (0, 1) } else { (1, 0) };
+                    let mut o = take_or_copy(&mut vals, &mut pool, tg, node, acc, consumable(acc))?;
+                    let b = vals[node.inputs[other].0]
+                        .as_deref()
+                        .ok_or_else(|| missing(tg, node, other))?;
+                    grad::add_assign_par(&mut o, b);
+                    vec![o]
+                }
                 TOp::ExitLoss { head } => {
                     let (hw, dw) = match head {
                         WeightRef::Frozen(id) => (grad::Head::Weight(&g.weight(*id).data), None),
@@ -307,7 +404,12 @@ impl<'a> TrainRunner<'a> {
                             (head, dw.map(|v| v.as_mut_slice()))
                         }
                     };
-                    let (loss, raw, count, dx) = grad::head_loss(get(0)?, hw, ctx.targets, ctx.weight, dw);
+                    let x = get(0)?;
+                    let mut dx = pool.any(x.len());
+                    let mut logits = pool.any(grad::HEAD_CHUNK.min(rows) * hw.shape().0);
+                    let (loss, raw, count) =
+                        grad::head_loss(x, hw, ctx.targets, ctx.weight, dw, &mut dx, &mut logits);
+                    pool.give(logits);
                     ctx.stats.loss += loss;
                     ctx.stats.nll_sum += raw;
                     ctx.stats.count += count;
@@ -321,17 +423,24 @@ impl<'a> TrainRunner<'a> {
                         }
                         WeightRef::Frozen(_) => None,
                     };
-                    let dx = grad::rms_norm_back(
-                        get(0)?,
+                    let x = get(0)?;
+                    let mut dx = need_dx.then(|| pool.any(x.len()));
+                    grad::rms_norm_back(
+                        x,
                         &w,
                         *eps,
                         get(1)?,
-                        *need_dx,
+                        dx.as_deref_mut(),
                         dw.map(|v| v.as_mut_slice()),
                     );
                     dx.into_iter().collect()
                 }
-                TOp::LinearBack { weight } => vec![grad::linear_back(&g.weight(*weight).data, get(0)?, rows)],
+                TOp::LinearBack { weight } => {
+                    let w = &g.weight(*weight).data;
+                    let mut dx = pool.any(rows * w.shape()[1]);
+                    grad::linear_back(w, get(0)?, rows, &mut dx);
+                    vec![dx]
+                }
                 TOp::LoraUpBack { b, rank, scale } => {
                     let bp = &p.get(*b).data;
                     let mut scratch = vec![];
@@ -342,15 +451,20 @@ impl<'a> TrainRunner<'a> {
                     let ap = &p.get(*a).data;
                     let mut scratch = vec![];
                     let da = grad_or_scratch(ctx.grads.as_deref_mut(), *a, ap.len(), &mut scratch);
-                    grad::lora_down_back(get(0)?, rows, ap, *rank, get(1)?, da, *need_dx)
-                        .into_iter()
-                        .collect()
+                    let x = get(0)?;
+                    let mut dx = need_dx.then(|| pool.any(x.len()));
+                    grad::lora_down_back(x, rows, ap, *rank, get(1)?, da, dx.as_deref_mut());
+                    dx.into_iter().collect()
                 }
                 TOp::RopeBack {
                     heads,
                     head_dim,
                     theta,
-                } => vec![grad::rope_back(&rope(*theta, *head_dim), get(0)?, *heads)],
+                } => {
+                    let mut dx = take_or_copy(&mut vals, &mut pool, tg, node, 0, consumable(0))?;
+                    grad::rope_back(&rope(*theta, *head_dim), &mut dx, *heads);
+                    vec![dx]
+                }
                 TOp::AttentionBack {
                     heads,
                     kv_heads,
@@ -365,7 +479,9 @@ impl<'a> TrainRunner<'a> {
                     vec![dq, dk, dv]
                 }
                 TOp::SwiGluBack => {
-                    let (dg, du) = grad::swiglu_back(get(0)?, get(1)?, get(2)?);
+                    let n = get(0)?.len();
+                    let (mut dg, mut du) = (pool.any(n), pool.any(n));
+                    grad::swiglu_back(get(0)?, get(1)?, get(2)?, &mut dg, &mut du);
                     vec![dg, du]
                 }
             };
@@ -387,14 +503,19 @@ impl<'a> TrainRunner<'a> {
                 vals[v.0] = Some(o);
             }
             for v in &node.inputs {
-                if tg.last_use[v.0] == idx {
-                    vals[v.0] = None;
+                if tg.last_use[v.0] == idx
+                    && let Some(b) = vals[v.0].take()
+                {
+                    pool.give(b);
                 }
             }
             // Values nobody reads later (e.g. the loss scalar, a gradient of a frozen input).
             for v in &node.outputs {
-                if tg.last_use[v.0] <= idx && !keep.contains(v) {
-                    vals[v.0] = None;
+                if tg.last_use[v.0] <= idx
+                    && !keep.contains(v)
+                    && let Some(b) = vals[v.0].take()
+                {
+                    pool.give(b);
                 }
             }
         }
