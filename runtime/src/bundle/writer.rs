@@ -21,6 +21,7 @@ use super::{
     BundleError, FORMAT_VERSION, HEADER_LEN, MAGIC, SIGNATURE_CONTEXT, TRAILER_LEN, TRAILER_MAGIC, align_up,
 };
 use crate::ir::{Graph, WeightData};
+use crate::tensor::Bytes;
 use crate::tokenizer::Tokenizer;
 
 /// Streams tensors into a bundle file. Create it with the manifest whose `tensors` list
@@ -134,30 +135,50 @@ impl BundleWriter {
 
     /// Writes the bytes of the next tensor entry.
     pub fn write_tensor(&mut self, bytes: &[u8]) -> Result<(), BundleError> {
+        self.write_parts(bytes.len(), std::iter::once(bytes), |_, _| {})
+    }
+
+    /// Writes the next tensor entry, `len` bytes given as `parts` in order (hashed as they
+    /// go); `after(at, n)` is called once the `n` bytes at `at` of the tensor are written.
+    fn write_parts<'b>(
+        &mut self,
+        len: usize,
+        parts: impl Iterator<Item = &'b [u8]>,
+        mut after: impl FnMut(usize, usize),
+    ) -> Result<(), BundleError> {
         let i = self.next;
-        let entry = self.manifest.tensors.get(i).ok_or_else(|| BundleError::Format {
-            path: self.dest.display().to_string(),
-            msg: format!(
+        let path = self.dest.display().to_string();
+        let bad = |msg: String| BundleError::Format {
+            path: path.clone(),
+            msg,
+        };
+        let entry = self.manifest.tensors.get(i).ok_or_else(|| {
+            bad(format!(
                 "more tensors written than the {} declared",
                 self.manifest.tensors.len()
-            ),
+            ))
         })?;
-        if bytes.len() as u64 != entry.size {
-            return Err(BundleError::Format {
-                path: self.dest.display().to_string(),
-                msg: format!(
-                    "tensor `{}` was declared {} bytes, {} given",
-                    entry.name,
-                    entry.size,
-                    bytes.len()
-                ),
-            });
+        if len as u64 != entry.size {
+            return Err(bad(format!(
+                "tensor `{}` was declared {} bytes, {len} given",
+                entry.name, entry.size
+            )));
         }
         let offset = entry.offset;
         let pad = (offset - self.pos) as usize;
         self.put(&vec![0u8; pad])?;
-        self.put(bytes)?;
-        self.manifest.tensors[i].sha256 = Sha256::digest(bytes).to_vec();
+        let mut hasher = Sha256::new();
+        let mut at = 0;
+        for part in parts {
+            self.put(part)?;
+            hasher.update(part);
+            after(at, part.len());
+            at += part.len();
+        }
+        if at != len {
+            return Err(bad(format!("internal: tensor {i}: {at} of {len} bytes given")));
+        }
+        self.manifest.tensors[i].sha256 = hasher.finalize().to_vec();
         self.next += 1;
         Ok(())
     }
@@ -370,6 +391,9 @@ pub fn write_streamed_bundle(
     write_weights(path, contents, schedule, key, weight, true, progress)
 }
 
+/// Bytes of a mapped tensor written between page releases.
+const RELEASE_PART: usize = 16 << 20;
+
 fn write_weights(
     path: &Path,
     contents: &BundleContents<'_>,
@@ -427,6 +451,16 @@ fn write_weights(
             )));
         }
         match &data {
+            // A mapped tensor (an embedding table is 250 MB at 7B) is written and released
+            // a part at a time, so it is never resident whole.
+            WeightData::Dense(t) if release && t.is_mapped() => {
+                let Bytes::Mapped { map, offset, len } = t.bytes() else {
+                    unreachable!("checked: mapped")
+                };
+                w.write_parts(*len, t.raw().chunks(RELEASE_PART), |at, n| {
+                    crate::exec_stream::release_range(map, offset + at, n)
+                })?
+            }
             WeightData::Dense(t) => w.write_tensor(t.raw())?,
             WeightData::Packed(p) => {
                 for (_, buf) in p.buffers().iter() {
