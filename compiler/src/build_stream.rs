@@ -19,9 +19,11 @@
 //!    pages released (`madvise(MADV_DONTNEED)`); each weight is written, its mapped pages
 //!    released, and dropped.
 //!
-//! The memory held is one layer's packed linears plus a chunk per worker. The bytes written are identical
-//! to those of `compress_graph` + `write_scheduled_bundle` (tested in
-//! `compiler/tests/build_stream.rs`). Policies whose sizes depend on the data (pruning:
+//! The memory held is one layer's packed linears plus a chunk per worker, when the frontend
+//! maps the source (safetensors, GGUF F32/F16/BF16); weights a frontend copies (GGUF
+//! quantized types dequantized to f32, transposed ONNX MatMuls) are held by the loaded
+//! model whatever the build does. The bytes written are identical to those of
+//! `compress_graph` + `write_scheduled_bundle` (tested in `compiler/tests/build_stream.rs`). Policies whose sizes depend on the data (pruning:
 //! a sparse weight's size is its kept count) or whose methods need calibration statistics
 //! carried through the compressed model (GPTQ, Wanda, SparseGPT) are not streamed
 //! ([`streamable`] says why) and take the whole-graph path.
