@@ -364,8 +364,16 @@ pub fn verify_file(path: &Path, policy: &TrustPolicy) -> Result<Verification, Bu
     let c = check(path, policy)?;
     let mut v = c.verification;
     for e in &c.manifest.tensors {
-        let bytes = &c.map[e.offset as usize..(e.offset + e.size) as usize];
-        if Sha256::digest(bytes).as_slice() != e.sha256.as_slice() {
+        // A tensor at a time, its pages released after hashing (slice by slice for large
+        // ones), so verifying a bundle bigger than memory stays small.
+        let (start, end) = (e.offset as usize, (e.offset + e.size) as usize);
+        let mut hasher = Sha256::new();
+        for at in (start..end).step_by(HASH_SLICE) {
+            let stop = (at + HASH_SLICE).min(end);
+            hasher.update(&c.map[at..stop]);
+            crate::exec_stream::release_range(&c.map, at, stop - at);
+        }
+        if hasher.finalize().as_slice() != e.sha256.as_slice() {
             return Err(BundleError::TensorHash {
                 path: v.path.clone(),
                 name: e.name.clone(),
