@@ -33,9 +33,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use edge_runtime::exec_stream::release_weight;
-use edge_runtime::format::{QuantScheme, WeightFormat};
+use edge_runtime::format::WeightFormat;
 use edge_runtime::ir::{Graph, Weight, WeightData, WeightId};
-use edge_runtime::packed::{Buf, Buffers, PackedWeight};
+use edge_runtime::packed::{self, Buf, Buffers, PackedWeight};
 use memmap2::{Mmap, MmapOptions};
 use rayon::prelude::*;
 
@@ -144,15 +144,7 @@ fn quant_buffer_lens(format: &WeightFormat, rows: usize, cols: usize) -> anyhow:
     let WeightFormat::Quant(q) = format else {
         anyhow::bail!("format {format} is not a plain quantized format");
     };
-    let groups = rows * cols.div_ceil(q.group as usize);
-    let mut lens = vec![
-        ("qweight", groups * q.group as usize * q.bits as usize / 8),
-        ("scales", 2 * groups),
-    ];
-    if q.scheme == QuantScheme::Asym {
-        lens.push(("mins", 2 * groups));
-    }
-    Ok(lens)
+    Ok(packed::quant_buffer_lens(q, rows, cols))
 }
 
 impl<'a> StreamedBuild<'a> {

@@ -31,6 +31,28 @@ fn token_file(dir: &Path, n: usize) -> String {
     p.display().to_string()
 }
 
+/// `edgec profile` of the fixture `m` on the token file: 4 samples of 64 tokens, no N:M
+/// candidates, written to `out`, plus `extra` arguments.
+fn profile_small(m: &str, tokens: &str, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "profile",
+        "-m",
+        m,
+        "--calib-tokens",
+        tokens,
+        "--samples",
+        "4",
+        "--seq",
+        "64",
+        "--nm",
+        "none",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    edgec(&args)
+}
+
 #[test]
 fn profile_writes_a_valid_monotone_profile_heatmap_and_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -271,34 +293,21 @@ fn end_to_end_deltas_in_the_context_of_a_compressed_model() {
     let run = |name: &str, context: Option<&Path>| -> Sensitivity {
         let out = dir.path().join(name);
         let mut args = vec![
-            "profile",
-            "-m",
-            m,
-            "--calib-tokens",
-            &tokens,
-            "--samples",
-            "4",
-            "--seq",
-            "64",
             "--bits",
             "2,4",
             "--sparsity",
             "0",
-            "--nm",
-            "none",
             "--quantizer",
             "rtn",
             "--e2e-layers",
             "all",
             "--e2e-candidates",
             "2b-g32-asym,4b-g32-asym",
-            "-o",
-            out.to_str().unwrap(),
         ];
         if let Some(c) = context {
             args.extend(["--context", c.to_str().unwrap()]);
         }
-        let o = edgec(&args);
+        let o = profile_small(m, &tokens, &out, &args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         Sensitivity::from_json(&std::fs::read_to_string(&out).unwrap()).unwrap()
     };
@@ -353,29 +362,21 @@ fn policy_refined_by_measurement_keeps_the_best_measured_policy() {
     let prof = dir.path().join("sens.json");
     let model = common::tiny_llama();
     let m = model.to_str().unwrap();
-    let o = edgec(&[
-        "profile",
-        "-m",
+    let o = profile_small(
         m,
-        "--calib-tokens",
         &tokens,
-        "--samples",
-        "4",
-        "--seq",
-        "64",
-        "--bits",
-        "2,3,4",
-        "--sparsity",
-        "0,0.5",
-        "--nm",
-        "none",
-        "--e2e-layers",
-        "0",
-        "--e2e-samples",
-        "1",
-        "-o",
-        prof.to_str().unwrap(),
-    ]);
+        &prof,
+        &[
+            "--bits",
+            "2,3,4",
+            "--sparsity",
+            "0,0.5",
+            "--e2e-layers",
+            "0",
+            "--e2e-samples",
+            "1",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = dir.path().join("p.toml");
     let trials = dir.path().join("trials.jsonl");

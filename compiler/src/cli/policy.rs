@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
-use edgec::eval::parse_token_file;
 use edgec::luc::budget::Budget;
 use edgec::luc::compress::compress_graph;
 use edgec::luc::policy::{LayerPolicy, Policy};
@@ -218,14 +217,8 @@ fn refine_by_measurement(
     };
     let vocab = model.graph.config.vocab_size;
     let samples = |path: &PathBuf, n: usize| -> anyhow::Result<Vec<Vec<u32>>> {
-        let text = super::read_text(path)?;
-        match &tok {
-            Some(tok) => calib::token_samples(&text, tok, n, a.seq),
-            None => parse_token_file(&text, vocab)
-                .map_err(anyhow::Error::from)
-                .and_then(|seqs| calib::samples_from_tokens(&seqs.concat(), n, a.seq, None)),
-        }
-        .map_err(|e| anyhow!("{}: {e}", path.display()))
+        calib::file_samples(&super::read_text(path)?, tok.as_ref(), vocab, n, a.seq)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))
     };
     let calib_samples = samples(&calib_path, a.samples)?;
     let eval_samples = samples(text_path, a.refine_samples)?;
@@ -247,8 +240,7 @@ fn refine_by_measurement(
         let inputs = calib::embed(&graph, &eval_samples)?;
         calib::loss_from(&exec, &ids, &inputs, &eval_samples, a.seq)
     };
-    let mut lines = vec![];
-    let (sol, _trials) = refine::refine(problem, &a.budget, opts, start, a.refine, measure, |t| {
+    let (sol, trials) = refine::refine(problem, &a.budget, opts, start, a.refine, measure, |t| {
         let what = if t.pins.is_empty() {
             "start "
         } else if t.accepted {
@@ -262,18 +254,23 @@ fn refine_by_measurement(
                 t.loss, t.predicted, t.pins
             )
         });
-        lines.push(serde_json::json!({
-            "budget": a.budget.to_string(),
-            "pins": t.pins,
-            "loss": t.loss,
-            "predicted": t.predicted,
-            "accepted": t.accepted,
-            "choice": t.choice.iter().map(|&c| profile.candidates[c].label()).collect::<Vec<_>>(),
-        }));
     })?;
     pb.finish_and_clear();
     if let Some(path) = &a.trials_out {
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let text: String = trials
+            .iter()
+            .map(|t| {
+                let line = serde_json::json!({
+                    "budget": a.budget.to_string(),
+                    "pins": t.pins,
+                    "loss": t.loss,
+                    "predicted": t.predicted,
+                    "accepted": t.accepted,
+                    "choice": t.choice.iter().map(|&c| profile.candidates[c].label()).collect::<Vec<_>>(),
+                });
+                format!("{line}\n")
+            })
+            .collect();
         std::fs::write(path, text).map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     }
     Ok(sol)

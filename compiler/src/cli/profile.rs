@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use edge_runtime::format::{QuantScheme, SparsePattern};
-use edgec::eval::parse_token_file;
-use edgec::luc::calib::{samples_from_tokens, token_samples};
+use edgec::luc::calib::file_samples;
 use edgec::luc::heatmap;
 use edgec::luc::profile::{ProfileConfig, grid, profile};
 use edgec::luc::prune::{Pruner, Quantizer};
@@ -168,15 +167,12 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let samples = if a.calib.is_some() {
-        let tok = super::tokenizer(&model, &a.model.model)?;
-        token_samples(&text, &tok, a.samples, a.seq)
-    } else {
-        parse_token_file(&text, g.config.vocab_size)
-            .map_err(anyhow::Error::from)
-            .and_then(|seqs| samples_from_tokens(&seqs.concat(), a.samples, a.seq, None))
-    }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", calib.display()))?;
+    let tok = match a.calib {
+        Some(_) => Some(super::tokenizer(&model, &a.model.model)?),
+        None => None,
+    };
+    let samples = file_samples(&text, tok.as_ref(), g.config.vocab_size, a.samples, a.seq)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", calib.display()))?;
     let e2e_layers = match a.e2e_layers.as_deref().map(str::trim) {
         Some("all") => (0..layers).collect(),
         Some(list) => list

@@ -14,7 +14,7 @@ use edge_runtime::{Executor, Tensor};
 
 use super::quantize::Hessian;
 use super::sensitivity::LINEARS;
-use crate::eval::nll;
+use crate::eval::{nll, parse_token_file};
 use crate::frontend::llama::layer_weight_names;
 
 /// `n` samples of `seq` tokens from `text`, evenly spaced over its tokens (overlapping when
@@ -27,6 +27,25 @@ pub fn token_samples(text: &str, tok: &Tokenizer, n: usize, seq: usize) -> anyho
     let tokens = tok.encode(text)?;
     let bos = if tok.add_bos { tok.bos } else { None };
     samples_from_tokens(&tokens, n, seq, bos)
+}
+
+/// `n` samples of `seq` tokens from a calibration file's `text`: text encoded by `tok`, or,
+/// without a tokenizer, whitespace-separated token ids below `vocab` (as `edgec profile
+/// --calib-tokens` reads them; no BOS is inserted).
+pub fn file_samples(
+    text: &str,
+    tok: Option<&Tokenizer>,
+    vocab: usize,
+    n: usize,
+    seq: usize,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    match tok {
+        Some(tok) => token_samples(text, tok, n, seq),
+        None => {
+            let seqs = parse_token_file(text, vocab)?;
+            samples_from_tokens(&seqs.concat(), n, seq, None)
+        }
+    }
 }
 
 /// `n` samples of `seq` tokens evenly spaced over `tokens` (first token replaced by `bos`

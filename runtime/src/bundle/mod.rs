@@ -195,6 +195,19 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 /// Bytes hashed between releases of the mapped pages.
 const HASH_SLICE: usize = 8 << 20;
 
+/// The SHA-256 of `map[range]`, hashed a slice at a time with each slice's pages released
+/// after it, so that hashing a bundle does not leave it resident (a schedule may stream its
+/// weights, and a bundle may be bigger than memory).
+fn sha256_released(map: &Mmap, range: std::ops::Range<usize>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for at in range.clone().step_by(HASH_SLICE) {
+        let end = (at + HASH_SLICE).min(range.end);
+        hasher.update(&map[at..end]);
+        crate::exec_stream::release_range(map, at, end - at);
+    }
+    hasher.finalize().into()
+}
+
 fn check(path: &Path, policy: &TrustPolicy) -> Result<Checked, BundleError> {
     let p = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|error| BundleError::Io {
@@ -244,15 +257,7 @@ fn check(path: &Path, policy: &TrustPolicy) -> Result<Checked, BundleError> {
     }
     let flags = u32_at(t, 8);
     let expected: [u8; 32] = t[16..48].try_into().expect("32 bytes");
-    // Hashed a slice at a time, each slice's pages released after it, so that checking a
-    // bundle does not leave the whole file resident (a schedule may stream its weights).
-    let mut hasher = Sha256::new();
-    for at in (0..trailer_start).step_by(HASH_SLICE) {
-        let end = (at + HASH_SLICE).min(trailer_start);
-        hasher.update(&b[at..end]);
-        crate::exec_stream::release_range(&map, at, end - at);
-    }
-    let actual: [u8; 32] = hasher.finalize().into();
+    let actual = sha256_released(&map, 0..trailer_start);
     if actual != expected {
         return Err(BundleError::HashMismatch {
             path: p,
@@ -364,16 +369,8 @@ pub fn verify_file(path: &Path, policy: &TrustPolicy) -> Result<Verification, Bu
     let c = check(path, policy)?;
     let mut v = c.verification;
     for e in &c.manifest.tensors {
-        // A tensor at a time, its pages released after hashing (slice by slice for large
-        // ones), so verifying a bundle bigger than memory stays small.
-        let (start, end) = (e.offset as usize, (e.offset + e.size) as usize);
-        let mut hasher = Sha256::new();
-        for at in (start..end).step_by(HASH_SLICE) {
-            let stop = (at + HASH_SLICE).min(end);
-            hasher.update(&c.map[at..stop]);
-            crate::exec_stream::release_range(&c.map, at, stop - at);
-        }
-        if hasher.finalize().as_slice() != e.sha256.as_slice() {
+        let actual = sha256_released(&c.map, e.offset as usize..(e.offset + e.size) as usize);
+        if actual.as_slice() != e.sha256.as_slice() {
             return Err(BundleError::TensorHash {
                 path: v.path.clone(),
                 name: e.name.clone(),

@@ -184,6 +184,18 @@ fn code_bytes(q: &QuantSpec, groups: usize) -> usize {
     groups * q.group as usize * q.bits as usize / 8
 }
 
+/// The buffers of a dense (unpruned) `[rows, cols]` weight quantized by `q`, with their
+/// byte lengths, as [`PackedWeight::from_parts`] requires them: the codes, the f16 scales
+/// and (asymmetric) the f16 minima of every group (the last group of a row padded).
+pub fn quant_buffer_lens(q: &QuantSpec, rows: usize, cols: usize) -> Vec<(&'static str, usize)> {
+    let groups = rows * cols.div_ceil(q.group as usize);
+    let mut lens = vec![("qweight", code_bytes(q, groups)), ("scales", 2 * groups)];
+    if q.scheme == QuantScheme::Asym {
+        lens.push(("mins", 2 * groups));
+    }
+    lens
+}
+
 /// Unpacks the codes of one whole group (`bytes`: its `group * bits / 8` packed bytes)
 /// into `out` (`group` long) as floats.
 #[inline]
