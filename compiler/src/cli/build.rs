@@ -21,12 +21,13 @@ compress it by --policy (as `edgec compress`), plan it for each target (the sche
 tiling, residency or streaming of each weight under --memory-budget or the target's budget, arena, \
 threads; a budget no plan meets is an error saying by how much), generate the kernels of the compressed weights (each compiled for the target's ISA with Cranelift), \
 and write each bundle (graph, tokenizer, policy, kernel table, weights, target, signature) to a temporary \
-file that is renamed into place once complete.\n\nMEMORY\n  Without a policy, or with one that quantizes every layer by \
-round-to-nearest without pruning, the build streams: the plan and the manifest come from the weights' \
-formats and sizes, then each decoder layer is read from the (mapped) model, compressed and written, and \
-its pages released, so the build holds about one layer rather than the model (with several targets, \
-each bundle compresses the layers again). GPTQ, Wanda, SparseGPT and pruned policies compress the whole \
-model in memory first (as `edgec compress`). The bundle's bytes are the same either way."
+file that is renamed into place once complete.\n\nMEMORY\n  The build streams: the plan and the manifest come from the weights' formats and sizes (known \
+from the policy), then each decoder layer is read from the (mapped) model, compressed and written, and its \
+pages released, so the build holds about one layer rather than the model (with several targets, each \
+bundle compresses the layers again). GPTQ, Wanda and SparseGPT layers take their statistics from the \
+--calib samples carried through the compressed layers before them, as `edgec compress` does; --calib is \
+text for a model with a tokenizer, whitespace-separated token ids for one without. --no-stream compresses \
+the whole model in memory first; the bundle's bytes are the same either way."
 )]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -35,7 +36,8 @@ pub struct BuildArgs {
     /// are bundled as the model holds them.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Calibration text for policies using GPTQ / Wanda / SparseGPT (UTF-8).
+    /// Calibration text for policies using GPTQ / Wanda / SparseGPT (UTF-8; token ids for
+    /// a model without a tokenizer).
     #[arg(long)]
     calib: Option<PathBuf>,
     /// Calibration samples.
@@ -162,32 +164,33 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Calibration samples: text through the model's tokenizer, or token ids without one.
+    let samples = match (&a.calib, &policy) {
+        (Some(c), Some(_)) => {
+            let text = super::read_text(c)?;
+            let vocab = model.graph.config.vocab_size;
+            Some(
+                edgec::luc::calib::file_samples(&text, model.tokenizer.as_ref(), vocab, a.samples, a.seq)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?,
+            )
+        }
+        _ => None,
+    };
     let stream_check = match &policy {
         _ if a.no_stream => Err("--no-stream".to_string()),
-        Some((p, _)) => build_stream::streamable(p, a.calib.is_some()),
+        Some((p, _)) => build_stream::streamable(p, samples.is_some()),
         None => Ok(()),
     };
     let mut streamed: Option<StreamedBuild> = None;
     let (graph, policy_text) = match (policy, stream_check) {
         (policy, Ok(())) => {
-            let s = StreamedBuild::new(&model.graph, policy.as_ref().map(|p| &p.0))?;
+            let s = StreamedBuild::new(&model.graph, policy.as_ref().map(|p| &p.0), samples.as_deref())?;
             let g = s.skeleton().clone();
             streamed = Some(s);
             (g, policy.map(|p| p.1).unwrap_or_default())
         }
         (Some((policy, text)), Err(why)) => {
             tracing::info!("compressing the whole model before writing: {why}");
-            let samples = match &a.calib {
-                Some(c) => {
-                    let text = super::read_text(c)?;
-                    let tok = super::tokenizer(&model, &a.model.model)?;
-                    Some(
-                        edgec::luc::calib::token_samples(&text, &tok, a.samples, a.seq)
-                            .map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?,
-                    )
-                }
-                None => None,
-            };
             let pb = super::progress_bar(n_layers as u64, "compressing layers");
             let (g, _) = compress_graph(&model.graph, &policy, samples.as_deref(), |done, _| {
                 pb.set_position(done as u64)

@@ -7,7 +7,7 @@
 use edge_runtime::format::SparsePattern;
 
 use super::candidate::Candidate;
-use super::quantize::{Compressed, MaskMode, Prepared, Sweep, sweep};
+use super::quantize::{BLOCK, Compressed, MaskMode, Prepared, Sweep, sweep};
 
 /// How kept weights are quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +101,31 @@ pub fn is_n_of_m(mask: &[bool], cols: usize, n: usize, m: usize) -> bool {
         && mask
             .chunks_exact(m)
             .all(|b| b.iter().filter(|&&k| k).count() == n)
+}
+
+/// The values every row of a `cols`-column weight keeps when [`compress`] applies `cand`
+/// with `pruner`: the same for each row and known before any weight is read (magnitude and
+/// Wanda prune `round(sparsity * cols)` of the row, or `m - n` of every `m` columns;
+/// SparseGPT does the same within each 128-column block); `cols` without pruning. The
+/// streamed build sizes a sparse weight by it before compressing.
+pub fn kept_per_row(cols: usize, cand: &Candidate, pruner: Pruner) -> usize {
+    if cand.sparsity <= 0.0 {
+        return cols;
+    }
+    let kept_in = |len: usize| match cand.pattern {
+        SparsePattern::Unstructured => len - ((cand.sparsity * len as f64).round() as usize).min(len),
+        SparsePattern::NofM { n, m } => (0..len)
+            .step_by(m as usize)
+            .map(|s| (len - s).min(m as usize).min(n as usize))
+            .sum(),
+    };
+    match pruner {
+        Pruner::SparseGpt => (0..cols)
+            .step_by(BLOCK)
+            .map(|s| kept_in((cols - s).min(BLOCK)))
+            .sum(),
+        Pruner::Magnitude | Pruner::Wanda => kept_in(cols),
+    }
 }
 
 /// Compresses `w` (`[rows, cols]`) with `cand` and `method`. `quant = false` prunes only (values stay
@@ -241,6 +266,8 @@ mod tests {
                 }
                 assert_eq!(c.decode(), c.values);
                 assert_eq!(c.codes.len(), rows * cols * n as usize / m as usize);
+                let want = kept_per_row(cols, &cand(4, 1.0 - n as f64 / m as f64, pattern), pruner);
+                assert!(c.kept_per_row().iter().all(|&k| k == want), "{n}:{m} {pruner:?}");
             }
         }
     }
@@ -267,6 +294,10 @@ mod tests {
                 Some(&p),
                 true,
             );
+            // Every row keeps what the streamed build sizes it for (576 columns: a partial
+            // SparseGPT block).
+            let want = kept_per_row(cols, &cand(3, 0.3, SparsePattern::Unstructured), pruner);
+            assert!(c.kept_per_row().iter().all(|&k| k == want), "{pruner:?}");
             let kept: usize = c.kept_per_row().iter().sum();
             let frac = 1.0 - kept as f64 / (rows * cols) as f64;
             assert!((frac - 0.3).abs() < 0.01, "{pruner:?}: {frac}");

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 /// Columns per GPTQ / SparseGPT block.
 pub const BLOCK: usize = 128;
 /// Rows per parallel tile of the sweep.
-const TILE: usize = 32;
+pub const TILE: usize = 32;
 
 /// The f16 scale and min of one group (min is 0 for symmetric groups).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
