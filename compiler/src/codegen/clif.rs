@@ -13,7 +13,7 @@
 
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::immediates::Ieee32;
-use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I32, I32X4, I64, I64X2};
+use cranelift_codegen::ir::types::{F32, F32X4, I8X16, I16X8, I32, I32X4, I64, I64X2};
 use cranelift_codegen::ir::{
     AbiParam, Block, ConstantData, Endianness, Function, InstBuilder, MemFlagsData, Signature, Type,
     UserFuncName, Value,
@@ -24,6 +24,8 @@ use edge_runtime::format::QuantScheme;
 use edge_runtime::jit::spec::{KernelKind, KernelSpec};
 use target_lexicon::PointerWidth;
 
+mod sparse;
+
 /// Loads and stores: kernel buffers are valid for the spec's shape (checked by the
 /// runtime before every call) but not aligned.
 fn mem() -> MemFlagsData {
@@ -32,19 +34,18 @@ fn mem() -> MemFlagsData {
 
 /// The function of a kernel, named by [`KernelSpec::name`].
 pub fn build_function(spec: &KernelSpec) -> Function {
-    let nparams = match spec.kind {
-        KernelKind::Matvec => 9,
-        KernelKind::Decode => 6,
-    };
+    let nparams = spec.params();
     let mut sig = Signature::new(CallConv::SystemV);
     sig.params.extend((0..nparams).map(|_| AbiParam::new(I64)));
     let mut func = Function::with_name_signature(UserFuncName::testcase(spec.name()), sig);
     let mut fctx = FunctionBuilderContext::new();
     let b = FunctionBuilder::new(&mut func, &mut fctx);
     let mut g = Gen::new(spec, b);
-    match spec.kind {
-        KernelKind::Matvec => g.matvec(),
-        KernelKind::Decode => g.decode(),
+    match (spec.kind, spec.pattern()) {
+        (KernelKind::Matvec, None) => g.matvec(),
+        (KernelKind::Decode, None) => g.decode(),
+        (KernelKind::Matvec, Some(p)) => g.sparse_matvec(p),
+        (KernelKind::Decode, Some(p)) => g.sparse_decode(p),
     }
     g.b.seal_all_blocks();
     g.b.finalize(TargetFrontendConfig {
@@ -75,6 +76,8 @@ struct MatvecVars {
 
 struct Gen<'a> {
     b: FunctionBuilder<'a>,
+    cols: usize,
+    /// Bits and group of the (kept) values; zero for f16 sparse values.
     bits: usize,
     group: usize,
     /// Code bytes a group.
@@ -88,16 +91,18 @@ struct Gen<'a> {
 impl<'a> Gen<'a> {
     fn new(spec: &KernelSpec, b: FunctionBuilder<'a>) -> Self {
         let q = spec.quant();
-        let (bits, group) = (q.bits as usize, q.group as usize);
+        let (bits, group) = q.map_or((0, 0), |q| (q.bits as usize, q.group as usize));
         let gb = group * bits / 8;
         Gen {
             b,
+            cols: spec.cols,
             bits,
             group,
             gb,
-            unit: gb.min(16),
+            // 3-bit: 32 codes in 12 bytes.
+            unit: if bits == 3 { 12 } else { gb.min(16) },
             groups: spec.groups(),
-            sym: q.scheme == QuantScheme::Sym,
+            sym: q.is_some_and(|q| q.scheme == QuantScheme::Sym),
         }
     }
 
@@ -134,6 +139,72 @@ impl<'a> Gen<'a> {
         self.b.ins().shuffle(a, c, imm)
     }
 
+    /// A vector constant of type `ty` from its little-endian bytes.
+    fn vconst(&mut self, ty: Type, bytes: Vec<u8>) -> Value {
+        let c = self.b.func.dfg.constants.insert(ConstantData::from(bytes));
+        self.b.ins().vconst(ty, c)
+    }
+
+    /// The same 128 bits seen as another vector type.
+    fn cast(&mut self, ty: Type, v: Value) -> Value {
+        self.b
+            .ins()
+            .bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), v)
+    }
+
+    /// The int8 `x` values one field vector of a unit meets (3-bit: sixteen codes a
+    /// vector; otherwise one lane a byte of the unit).
+    fn xstep(&self) -> i32 {
+        if self.bits == 3 { 16 } else { self.unit as i32 }
+    }
+
+    /// 3-bit codes: the 32 codes of the 12-byte unit at `off` from `cp`, in column order,
+    /// as two `i8x16`. Code `i` is bits `3i % 8 ..` of bytes `3i / 8` and `3i / 8 + 1`: a
+    /// shuffle puts the two bytes in an `i16` lane, a multiply by `2^(8 - 3i % 8)` moves the
+    /// code to bits 8..10, and a second shuffle gathers the high bytes of two such vectors.
+    /// The last unit of a group is loaded as 8 + 4 bytes, so nothing past it is read.
+    fn unit3(&mut self, cp: Value, off: i32) -> Vec<Value> {
+        let v = if off as usize % self.gb + 12 == self.gb {
+            let lo = self.b.ins().load(I64, mem(), cp, off);
+            let v = self.b.ins().scalar_to_vector(I64X2, lo);
+            let v = self.cast(I32X4, v);
+            let hi = self.b.ins().load(I32, mem(), cp, off + 8);
+            let v = self.b.ins().insertlane(v, hi, 2);
+            self.cast(I8X16, v)
+        } else {
+            self.b.ins().load(I8X16, mem(), cp, off)
+        };
+        let mul: Vec<u8> = (0..8)
+            .flat_map(|t| (1u16 << (8 - (3 * t) % 8)).to_le_bytes())
+            .collect();
+        let mulv = self.vconst(I16X8, mul);
+        let mut odd = [0u8; 16];
+        for (i, o) in odd.iter_mut().enumerate() {
+            *o = 2 * i as u8 + 1;
+        }
+        let seven = self.splat_i8(7);
+        (0..2)
+            .map(|h| {
+                let w: Vec<Value> = (0..2)
+                    .map(|q| {
+                        let mut idx = [0u8; 16];
+                        for t in 0..8 {
+                            let b = (3 * (16 * h + 8 * q + t) / 8) as u8;
+                            idx[2 * t] = b;
+                            idx[2 * t + 1] = b + 1;
+                        }
+                        let pairs = self.shuffle(v, v, idx);
+                        let pairs = self.cast(I16X8, pairs);
+                        let p = self.b.ins().imul(pairs, mulv);
+                        self.cast(I8X16, p)
+                    })
+                    .collect();
+                let c = self.shuffle(w[0], w[1], odd);
+                self.b.ins().band(c, seven)
+            })
+            .collect()
+    }
+
     /// `ptr + i * scale`.
     fn offset(&mut self, ptr: Value, i: Value, scale: i64) -> Value {
         let s = self.b.ins().imul_imm_s(i, scale);
@@ -160,6 +231,9 @@ impl<'a> Gen<'a> {
 
     /// [`unit_fields`](Self::unit_fields) of the unit at byte offset `off` from `cp`.
     fn unit_fields_at(&mut self, cp: Value, off: i32) -> Vec<Value> {
+        if self.bits == 3 {
+            return self.unit3(cp, off);
+        }
         let v = if self.unit == 16 {
             self.b.ins().load(I8X16, mem(), cp, off)
         } else {
@@ -227,15 +301,17 @@ impl<'a> Gen<'a> {
             let h = self.b.ins().sload16(I32, mem(), ptr, (stride * i as i64) as i32);
             v = self.b.ins().insertlane(v, h, i);
         }
+        self.halves_to_f32x4(v)
+    }
+
+    /// Four sign-extended f16 bit patterns (`i32x4`) as f32x4 (see [`load_f16`](Self::load_f16)).
+    fn halves_to_f32x4(&mut self, v: Value) -> Value {
         let sh = self.b.ins().iconst(I32, 13);
         let v = self.b.ins().ishl(v, sh);
         let m = self.b.ins().iconst(I32, 0x8fff_e000u32 as i32 as i64);
         let m = self.b.ins().splat(I32X4, m);
         let v = self.b.ins().band(v, m);
-        let f = self
-            .b
-            .ins()
-            .bitcast(F32X4, MemFlagsData::new().with_endianness(Endianness::Little), v);
+        let f = self.cast(F32X4, v);
         let k = self.fconst(f32::from_bits((127 + 112) << 23));
         let k = self.b.ins().splat(F32X4, k);
         self.b.ins().fmul(f, k)
@@ -278,7 +354,7 @@ impl<'a> Gen<'a> {
                 for r in 0..4 {
                     iacc[r] = self.dot(xv, fields[r][f], iacc[r]);
                 }
-                xoff += self.unit as i32;
+                xoff += self.xstep();
             }
         }
         let p01 = self.b.ins().iadd_pairwise(iacc[0], iacc[1]);
@@ -411,7 +487,7 @@ impl<'a> Gen<'a> {
             for f in self.unit_fields(cp, u) {
                 let xv = self.b.ins().load(I8X16, mem(), xqp, xoff);
                 iacc = self.dot(xv, f, iacc);
-                xoff += self.unit as i32;
+                xoff += self.xstep();
             }
         }
         let (s, m) = self.scale_min(sp, mp);
@@ -466,7 +542,7 @@ impl<'a> Gen<'a> {
         const LO16: [u8; 16] = [0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23];
         const HI16: [u8; 16] = [8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31];
         match self.bits {
-            8 => f,
+            8 | 3 => f,
             4 => vec![self.shuffle(f[0], f[1], LO), self.shuffle(f[0], f[1], HI)],
             _ => {
                 // Pairs (4i, 4i+1) and (4i+2, 4i+3), then the pairs interleaved.
@@ -479,6 +555,37 @@ impl<'a> Gen<'a> {
                     out.push(self.shuffle(t0, t1, HI16));
                 }
                 out
+            }
+        }
+    }
+
+    /// Stores the `group` values of the group at `cp` (scale at `sp`, min at `mp`) as f32
+    /// at `op`.
+    fn decode_group(&mut self, cp: Value, sp: Value, mp: Value, op: Value) {
+        let (s, m) = self.scale_min(sp, mp);
+        let sv = self.b.ins().splat(F32X4, s);
+        let mv = self.b.ins().splat(F32X4, m);
+        let units = self.gb / self.unit;
+        let codes_per_unit = (self.unit * 8 / self.bits) as i32;
+        for u in 0..units {
+            let vecs = self.unit_in_order(cp, u);
+            let mut off = u as i32 * codes_per_unit * 4;
+            let end = (u as i32 + 1) * codes_per_unit * 4;
+            for v in vecs {
+                let lo = self.b.ins().uwiden_low(v);
+                let hi = self.b.ins().uwiden_high(v);
+                for h in [lo, hi] {
+                    for w in [self.b.ins().uwiden_low(h), self.b.ins().uwiden_high(h)] {
+                        if off >= end {
+                            continue;
+                        }
+                        let f = self.b.ins().fcvt_from_sint(F32X4, w);
+                        let f = self.b.ins().fmul(f, sv);
+                        let f = self.b.ins().fadd(f, mv);
+                        self.b.ins().store(mem(), f, op, off);
+                        off += 16;
+                    }
+                }
             }
         }
     }
@@ -513,32 +620,7 @@ impl<'a> Gen<'a> {
             self.b.use_var(v_mp),
             self.b.use_var(v_op),
         );
-        let (s, m) = self.scale_min(sp, mp);
-        let sv = self.b.ins().splat(F32X4, s);
-        let mv = self.b.ins().splat(F32X4, m);
-        let units = self.gb / self.unit;
-        let codes_per_unit = (self.unit * 8 / self.bits) as i32;
-        for u in 0..units {
-            let vecs = self.unit_in_order(cp, u);
-            let mut off = u as i32 * codes_per_unit * 4;
-            let end = (u as i32 + 1) * codes_per_unit * 4;
-            for v in vecs {
-                let lo = self.b.ins().uwiden_low(v);
-                let hi = self.b.ins().uwiden_high(v);
-                for h in [lo, hi] {
-                    for w in [self.b.ins().uwiden_low(h), self.b.ins().uwiden_high(h)] {
-                        if off >= end {
-                            continue;
-                        }
-                        let f = self.b.ins().fcvt_from_sint(F32X4, w);
-                        let f = self.b.ins().fmul(f, sv);
-                        let f = self.b.ins().fadd(f, mv);
-                        self.b.ins().store(mem(), f, op, off);
-                        off += 16;
-                    }
-                }
-            }
-        }
+        self.decode_group(cp, sp, mp, op);
         self.bump(v_cp, cp, self.gb);
         let sp = self.bump(v_sp, sp, 2);
         self.bump(v_mp, mp, 2);

@@ -45,7 +45,8 @@ pub struct KernelSource {
 /// scale per weight group (`xd[g] * xq ≈ x`), group sums `xs` (of the exact `x` for
 /// asymmetric formats; of the int8 `x` times `xd` for symmetric ones), and the int8
 /// values permuted inside each unit of `min(16, group * bits / 8)` code bytes the way the
-/// kernel unpacks codes: position `k * unit + i` holds column `i * 8 / bits + k`.
+/// kernel unpacks codes: position `k * unit + i` holds column `i * 8 / bits + k`
+/// (3-bit codes are unpacked in column order, so their `x` is not permuted).
 #[derive(Debug, Clone)]
 pub struct QuantizedX {
     pub xq: Vec<i8>,
@@ -53,17 +54,27 @@ pub struct QuantizedX {
     pub xs: Vec<f32>,
 }
 
-/// Code bytes a unit (one vector load of codes).
+/// Code bytes a unit (one vector load of codes; 3-bit: 32 codes in 12 bytes).
 pub fn unit_bytes(q: &QuantSpec) -> usize {
+    if q.bits == 3 {
+        return 12;
+    }
     (q.group as usize * q.bits as usize / 8).min(16)
+}
+
+/// `(unit, fields)` of the permutation of `x` inside a unit (`fields = 1`: none).
+fn x_permutation(q: &QuantSpec) -> (usize, usize) {
+    match q.bits {
+        3 => (q.group as usize, 1),
+        b => (unit_bytes(q), 8 / b as usize),
+    }
 }
 
 impl QuantizedX {
     pub fn new(x: &[f32], q: &QuantSpec) -> QuantizedX {
-        let (g, bits) = (q.group as usize, q.bits as usize);
+        let g = q.group as usize;
         let groups = x.len().div_ceil(g);
-        let unit = unit_bytes(q);
-        let fields = 8 / bits;
+        let (unit, fields) = x_permutation(q);
         let per_unit = unit * fields;
         // 16 bytes of slack: a half unit's last field reads a whole vector.
         let mut xq = vec![0i8; groups * g + 16];
@@ -127,7 +138,7 @@ pub fn matvec_int_reference(w: &PackedWeight, x: &[f32], y: &mut [f32]) -> Resul
     let mins = b.mins.as_ref().map(|m| m.as_slice());
     // Undo the permutation: plain int8 x in column order.
     let mut xcol = vec![0i8; groups * g];
-    let (unit, fields) = (unit_bytes(&q), 8 / bits);
+    let (unit, fields) = x_permutation(&q);
     for (dst, src) in xcol.chunks_mut(unit * fields).zip(qx.xq.chunks(unit * fields)) {
         for i in 0..unit {
             for k in 0..fields {
@@ -142,7 +153,9 @@ pub fn matvec_int_reference(w: &PackedWeight, x: &[f32], y: &mut [f32]) -> Resul
             let gc = &codes[at * gb..(at + 1) * gb];
             let isum: i32 = (0..g)
                 .map(|i| {
-                    let c = (gc[i * bits / 8] >> (i * bits % 8)) as i32 & ((1 << bits) - 1);
+                    let (at, sh) = (i * bits / 8, i * bits % 8);
+                    let two = gc[at] as i32 | (gc.get(at + 1).copied().unwrap_or(0) as i32) << 8;
+                    let c = (two >> sh) & ((1 << bits) - 1);
                     c * xcol[gi * g + i] as i32
                 })
                 .sum();
@@ -170,12 +183,50 @@ type MatvecFn = unsafe extern "C" fn(
     u64,
 );
 type DecodeFn = unsafe extern "C" fn(*const u8, *const u8, *const u8, *mut f32, u64, u64);
+/// `matvec(x, vals, scales, mins, pos, kstart, gstart, scratch, y, r0, r1)` of a sparse weight.
+type SparseMatvecFn = unsafe extern "C" fn(
+    *const f32,
+    *const u8,
+    *const u8,
+    *const u8,
+    *const u8,
+    *const usize,
+    *const usize,
+    *mut f32,
+    *mut f32,
+    u64,
+    u64,
+);
+/// `decode(vals, scales, mins, pos, kstart, gstart, out, r0, r1)` of a sparse weight.
+type SparseDecodeFn = unsafe extern "C" fn(
+    *const u8,
+    *const u8,
+    *const u8,
+    *const u8,
+    *const usize,
+    *const usize,
+    *mut f32,
+    u64,
+    u64,
+);
 
-fn params(kind: KernelKind) -> usize {
-    match kind {
-        KernelKind::Matvec => 9,
-        KernelKind::Decode => 6,
-    }
+// The kernels read the prefix sums of kept values and groups as 64-bit integers.
+const _: () = assert!(std::mem::size_of::<usize>() == 8);
+
+/// Values a sparse decode kernel may write past its last output row (the padding of the
+/// last quantized group and of the last eight-column step).
+const SPARSE_SLACK: usize = 136;
+
+#[derive(Clone, Copy)]
+enum Matvec {
+    Quant(MatvecFn),
+    Sparse(SparseMatvecFn),
+}
+
+#[derive(Clone, Copy)]
+enum Decode {
+    Quant(DecodeFn),
+    Sparse(SparseDecodeFn),
 }
 
 /// The compiled code; its memory lives as long as this value.
@@ -202,9 +253,10 @@ pub struct WeightKernels {
     spec_rows: usize,
     spec_cols: usize,
     format: WeightFormat,
-    quant: QuantSpec,
-    matvec: Option<MatvecFn>,
-    decode: Option<DecodeFn>,
+    /// The quantization of the weight or its kept values (`None`: f16 values).
+    quant: Option<QuantSpec>,
+    matvec: Option<Matvec>,
+    decode: Option<Decode>,
 }
 
 /// Compiled kernels for the weights of a graph, by weight name.
@@ -259,7 +311,7 @@ impl KernelSet {
             let mut func = funcs.pop().expect("one");
             let sig = &func.signature;
             if !sig.returns.is_empty()
-                || sig.params.len() != params(s.spec.kind)
+                || sig.params.len() != s.spec.params()
                 || sig.params.iter().any(|p| p.value_type != I64)
             {
                 return Err(jit_err(
@@ -295,12 +347,28 @@ impl KernelSet {
                 return Err(jit_err(&s.weight, "kernels for different shapes or formats"));
             }
             // SAFETY: the function was checked above to take exactly the kind's number of
-            // i64 parameters and return nothing, with the host's C calling convention,
-            // which is the ABI of these fn pointer types (pointers and u64 are i64).
+            // i64 parameters (for its format: dense quantized or sparse) and return
+            // nothing, with the host's C calling convention, which is the ABI of these fn
+            // pointer types (pointers and u64 are i64).
             unsafe {
-                match s.spec.kind {
-                    KernelKind::Matvec => wk.matvec = Some(std::mem::transmute::<*const u8, MatvecFn>(ptr)),
-                    KernelKind::Decode => wk.decode = Some(std::mem::transmute::<*const u8, DecodeFn>(ptr)),
+                let sparse = s.spec.pattern().is_some();
+                match (s.spec.kind, sparse) {
+                    (KernelKind::Matvec, false) => {
+                        wk.matvec = Some(Matvec::Quant(std::mem::transmute::<*const u8, MatvecFn>(ptr)))
+                    }
+                    (KernelKind::Decode, false) => {
+                        wk.decode = Some(Decode::Quant(std::mem::transmute::<*const u8, DecodeFn>(ptr)))
+                    }
+                    (KernelKind::Matvec, true) => {
+                        wk.matvec = Some(Matvec::Sparse(std::mem::transmute::<*const u8, SparseMatvecFn>(
+                            ptr,
+                        )))
+                    }
+                    (KernelKind::Decode, true) => {
+                        wk.decode = Some(Decode::Sparse(std::mem::transmute::<*const u8, SparseDecodeFn>(
+                            ptr,
+                        )))
+                    }
                 }
             }
         }
@@ -328,13 +396,19 @@ impl KernelSet {
     }
 }
 
-/// Raw buffer addresses of a quantized weight (a `usize` each so closures on other
-/// threads can carry them).
+/// Raw buffer addresses of a compressed weight (a `usize` each so closures on other
+/// threads can carry them). Buffers a format lacks point at another buffer (never read).
 #[derive(Clone, Copy)]
 struct Ptrs {
+    /// `qweight`, or a sparse weight's f16 `values`.
     codes: usize,
     scales: usize,
     mins: usize,
+    /// `mask` or `index` (sparse).
+    pos: usize,
+    /// Prefix sums of kept values and groups per row (sparse).
+    kstart: usize,
+    gstart: usize,
 }
 
 /// Weight rows decoded per GEMM tile at most.
@@ -357,17 +431,20 @@ impl WeightKernels {
             )));
         }
         let b = p.buffers();
-        let (Some(codes), Some(scales)) = (&b.qweight, &b.scales) else {
-            return Err(RuntimeError::Invalid(
-                "quantized weight without codes or scales".into(),
-            ));
+        let addr = |b: &crate::packed::Buf| b.as_slice().as_ptr() as usize;
+        // `from_parts` checked that the format's buffers are present.
+        let Some(codes) = b.qweight.as_ref().or(b.values.as_ref()).map(addr) else {
+            return Err(RuntimeError::Invalid("compressed weight without values".into()));
         };
-        let scales = scales.as_slice().as_ptr() as usize;
+        // Symmetric kernels never read `mins`, f16 values neither scales nor mins.
+        let scales = b.scales.as_ref().map_or(codes, addr);
         let ptrs = Ptrs {
-            codes: codes.as_slice().as_ptr() as usize,
+            codes,
             scales,
-            // Symmetric kernels never read `mins`.
-            mins: b.mins.as_ref().map_or(scales, |m| m.as_slice().as_ptr() as usize),
+            mins: b.mins.as_ref().map_or(scales, addr),
+            pos: b.mask.as_ref().or(b.index.as_ref()).map_or(codes, addr),
+            kstart: p.kept_starts().as_ptr() as usize,
+            gstart: p.group_starts().as_ptr() as usize,
         };
         Ok((p, ptrs))
     }
@@ -395,8 +472,14 @@ impl WeightKernels {
         Ok(())
     }
 
-    fn matvec_row(&self, f: MatvecFn, ptrs: Ptrs, x: &[f32], y: &mut [f32]) {
-        let qx = QuantizedX::new(x, &self.quant);
+    fn matvec_row(&self, f: Matvec, ptrs: Ptrs, x: &[f32], y: &mut [f32]) {
+        let f = match (f, self.quant) {
+            (Matvec::Quant(f), Some(q)) if self.sparse_stride().is_none() => (f, q),
+            (Matvec::Sparse(f), _) => return self.sparse_matvec_row(f, ptrs, x, y),
+            _ => unreachable!("kernels are bound by their spec's format"),
+        };
+        let (f, q) = f;
+        let qx = QuantizedX::new(x, &q);
         // Multiples of four rows: the kernel runs rows four at a time.
         let chunk = (y.len() / (16 * rayon::current_num_threads()))
             .clamp(16, 1024)
@@ -428,10 +511,73 @@ impl WeightKernels {
         });
     }
 
+    /// `Some(cols)` for a sparse weight (its decoded rows are `cols` apart).
+    fn sparse_stride(&self) -> Option<usize> {
+        matches!(self.format, WeightFormat::Sparse { .. }).then_some(self.spec_cols)
+    }
+
+    /// The sparse matvec: `x` zero-padded to whole eight-column steps, rows split over
+    /// the thread pool, a scratch row per task.
+    fn sparse_matvec_row(&self, f: SparseMatvecFn, ptrs: Ptrs, x: &[f32], y: &mut [f32]) {
+        let cols = self.spec_cols;
+        let mut xp = vec![0.0f32; cols.next_multiple_of(8)];
+        xp[..cols].copy_from_slice(x);
+        let chunk = (y.len() / (16 * rayon::current_num_threads())).clamp(16, 1024);
+        let xa = xp.as_ptr() as usize;
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+            let r0 = (c * chunk) as u64;
+            let mut scratch = vec![0.0f32; cols + SPARSE_SLACK];
+            // SAFETY: `check` matched the weight's format and shape with the kernel's spec,
+            // so its buffers and prefix sums (`rows + 1` each) hold every row it reads; x
+            // has `ceil(cols / 8) * 8` values; the scratch row `cols + SPARSE_SLACK` (the
+            // kernel writes at most `cols + group + 4`); the kernel writes `yc` only.
+            unsafe {
+                f(
+                    xa as *const f32,
+                    ptrs.codes as *const u8,
+                    ptrs.scales as *const u8,
+                    ptrs.mins as *const u8,
+                    ptrs.pos as *const u8,
+                    ptrs.kstart as *const usize,
+                    ptrs.gstart as *const usize,
+                    scratch.as_mut_ptr(),
+                    yc.as_mut_ptr(),
+                    r0,
+                    r0 + yc.len() as u64,
+                )
+            }
+        });
+    }
+
     /// Weight rows `j0..j1` decoded into `scratch` (`(j1 - j0) * padded` f32, rows
-    /// `padded = G * group` apart).
-    fn decode_rows(&self, f: DecodeFn, ptrs: Ptrs, j0: usize, j1: usize, scratch: &mut Vec<f32>) -> usize {
-        let padded = self.spec_cols.div_ceil(self.quant.group as usize) * self.quant.group as usize;
+    /// `padded` apart: `G * group` for quantized weights, `cols` for sparse ones).
+    fn decode_rows(&self, f: Decode, ptrs: Ptrs, j0: usize, j1: usize, scratch: &mut Vec<f32>) -> usize {
+        let f = match f {
+            Decode::Quant(f) => f,
+            Decode::Sparse(f) => {
+                let cols = self.spec_cols;
+                scratch.resize((j1 - j0) * cols + SPARSE_SLACK, 0.0);
+                // SAFETY: j0 <= j1 <= rows of the weight checked against the spec (its
+                // buffers and prefix sums hold those rows); the kernel writes rows
+                // j0..j1, `cols` apart, and at most SPARSE_SLACK values past the last.
+                unsafe {
+                    f(
+                        ptrs.codes as *const u8,
+                        ptrs.scales as *const u8,
+                        ptrs.mins as *const u8,
+                        ptrs.pos as *const u8,
+                        ptrs.kstart as *const usize,
+                        ptrs.gstart as *const usize,
+                        scratch.as_mut_ptr(),
+                        j0 as u64,
+                        j1 as u64,
+                    )
+                };
+                return cols;
+            }
+        };
+        let g = self.quant.expect("quantized").group as usize;
+        let padded = self.spec_cols.div_ceil(g) * g;
         scratch.resize((j1 - j0) * padded, 0.0);
         // SAFETY: j0 <= j1 <= rows of the weight checked against the spec; the kernel
         // writes (j1 - j0) * padded f32, exactly the scratch length.
@@ -450,7 +596,7 @@ impl WeightKernels {
 
     /// `out = x W^T`: tiles of weight rows decoded once, each multiplied by GEMM (which
     /// runs on the thread pool).
-    fn matmul(&self, f: DecodeFn, ptrs: Ptrs, x: &[f32], rows: usize, out: &mut [f32]) {
+    fn matmul(&self, f: Decode, ptrs: Ptrs, x: &[f32], rows: usize, out: &mut [f32]) {
         let (n, k) = (self.spec_rows, self.spec_cols);
         let mut scratch = Vec::new();
         for j0 in (0..n).step_by(TILE_N) {

@@ -644,6 +644,14 @@ impl PackedWeight {
     pub fn kept_counts(&self) -> Vec<usize> {
         self.kept_start.windows(2).map(|w| w[1] - w[0]).collect()
     }
+    /// Prefix sums of kept values per row (`rows + 1` entries; read by the JIT kernels).
+    pub fn kept_starts(&self) -> &[usize] {
+        &self.kept_start
+    }
+    /// Prefix sums of quantization groups per row (`rows + 1` entries).
+    pub fn group_starts(&self) -> &[usize] {
+        &self.group_start
+    }
     /// Whether every buffer is a range of a mapped file.
     pub fn is_mapped(&self) -> bool {
         self.bufs.iter().all(|(_, b)| b.is_mapped())
