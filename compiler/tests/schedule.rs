@@ -62,7 +62,7 @@ fn every_target_plans_the_fixture_and_the_plan_verifies() {
         assert!(plan.decode_seconds > 0.0 && plan.memory.total() <= plan.memory.budget);
         // Every linear op has a tile that fits a named level of the target.
         for p in plan.ops.iter().filter(|p| p.op == "Linear") {
-            let tile = p.tile.as_ref().unwrap();
+            let tile = p.exec.tile.as_ref().unwrap();
             assert!(
                 t.memory.iter().any(|l| l.name == tile.level),
                 "{}: {}",
@@ -104,7 +104,7 @@ fn a_budget_below_the_weights_streams_and_one_below_any_plan_fails_by_how_much()
             p.weight == Residence::Streamed,
             !p.release.is_empty(),
             "{}",
-            p.name
+            p.exec.name
         );
     }
     // Fewer bytes than the fixed part and one weight: an error that says by how much.

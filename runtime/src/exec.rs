@@ -2,7 +2,7 @@
 //! at a time, with a KV cache per session.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, RuntimeError};
 use crate::ir::{Graph, Op, ValueId};
@@ -10,6 +10,7 @@ use crate::ops::activation::{add, swiglu};
 use crate::ops::attention::{AttnShape, KvSlot, attention};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::RopeTable;
+use crate::plan::{ALIGN, ExecPlan};
 
 /// Which rows (token positions of the step) the outputs after `OutputRows` keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +59,33 @@ pub struct StepOutput {
     pub taps: Vec<Vec<f32>>,
 }
 
+/// Which parts of a schedule an executor follows ([`Executor::with_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Follow {
+    /// The plan's node order and its arena: every value the arena places lives at its
+    /// planned offset of one preallocated buffer instead of its own allocation.
+    pub memory: bool,
+    /// The plan's tiles and thread split in the linear and attention kernels.
+    pub kernels: bool,
+}
+
+impl Follow {
+    pub const ALL: Follow = Follow {
+        memory: true,
+        kernels: true,
+    };
+}
+
 /// Runs a verified graph.
 pub struct Executor {
     graph: Arc<Graph>,
-    /// For each value, the index of the last node that reads it (to free it early).
-    last_use: Vec<usize>,
+    /// Node indices in the order they run (the plan's, else the graph's).
+    order: Vec<usize>,
+    /// For each value, the position in `order` of the last node that reads it (to free it
+    /// early).
+    last_pos: Vec<usize>,
+    /// The static memory plan, when following one.
+    arena: Option<ArenaPlan>,
     /// JIT kernels for compressed weights (`Op::Linear` uses them when present).
     kernels: Option<Arc<crate::jit::KernelSet>>,
     /// Streamed weights to release after each node (empty: everything stays resident).
@@ -72,19 +95,47 @@ pub struct Executor {
 impl Executor {
     pub fn new(graph: Arc<Graph>) -> Result<Self> {
         graph.verify()?;
-        let mut last_use = vec![0; graph.values.len()];
-        for (i, n) in graph.nodes.iter().enumerate() {
-            for v in &n.inputs {
-                last_use[v.0] = i;
-            }
-        }
-
+        let order: Vec<usize> = (0..graph.nodes.len()).collect();
         Ok(Executor {
+            last_pos: last_positions(&graph, &order),
+            order,
             graph,
-            last_use,
+            arena: None,
             kernels: None,
             release: vec![],
         })
+    }
+
+    /// Follows a schedule (a bundle's, see `Bundle::plan`), after checking it against the
+    /// graph ([`ExecPlan::check`]: a mismatch is an error naming the node). With
+    /// `follow.memory` the nodes run in the plan's order and every value the plan's arena
+    /// places lives at its offset of one arena buffer allocated here (sized by the plan);
+    /// values it does not place, values larger than their planned buffer (a step longer
+    /// than the planned one), seeds of [`run_span`](Self::run_span) and the values a
+    /// step returns to its caller (the logits) are allocated. With `follow.kernels` the
+    /// kernels use the plan's tiles and threads.
+    pub fn with_plan(mut self, plan: &ExecPlan, follow: Follow) -> Result<Self> {
+        plan.check(&self.graph)?;
+        if follow.memory {
+            self.order = plan.order();
+            self.last_pos = last_positions(&self.graph, &self.order);
+            self.arena = Some(ArenaPlan::new(plan, self.graph.values.len()));
+        }
+        Ok(self)
+    }
+
+    /// Bytes of the arena this executor places values in (0 without a plan).
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.as_ref().map_or(0, |a| 4 * a.floats)
+    }
+
+    /// Where each value of a step lives: `Some((byte offset, capacity))` in the arena, or
+    /// `None` for an allocated value.
+    pub fn arena_slots(&self) -> Vec<Option<(usize, usize)>> {
+        match &self.arena {
+            Some(a) => a.slots.iter().map(|s| s.map(|(o, c)| (4 * o, 4 * c))).collect(),
+            None => vec![None; self.graph.values.len()],
+        }
     }
 
     /// Follows a schedule's residency: the pages of each weight of `streamed` are released
@@ -226,7 +277,8 @@ impl Executor {
     }
 
     /// The interpreter loop shared by [`forward`](Self::forward) and
-    /// [`run_span`](Self::run_span). Returns the `keep` values in order.
+    /// [`run_span`](Self::run_span): the span's nodes in the executor's order (the plan's,
+    /// or the graph's). Returns the `keep` values in order.
     #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
@@ -254,19 +306,28 @@ impl Executor {
             }
         }
         let start = s.pos;
-        let mut vals: Vec<Option<Vec<f32>>> = vec![None; g.values.len()];
+        let mut vals: Vec<Option<Val>> = (0..g.values.len()).map(|_| None).collect();
         let mut nrows = vec![n; g.values.len()];
         for (v, data) in seeds {
-            vals[v.0] = Some(data);
+            vals[v.0] = Some(Val::Heap(data));
         }
         let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
         for (slot, k) in kept.iter_mut().zip(keep) {
-            if let Some(v) = &vals[k.0] {
+            if let Some(Val::Heap(v)) = &vals[k.0] {
                 *slot = Some(v.clone());
             }
         }
+        let mut lease = self.arena.as_ref().map(|a| a.lease());
+        let mut no_arena: [f32; 0] = [];
+        let arena: &mut [f32] = match &mut lease {
+            Some(l) => l.floats(),
+            None => &mut no_arena,
+        };
 
-        for idx in span {
+        for (pos, &idx) in self.order.iter().enumerate() {
+            if !span.contains(&idx) {
+                continue;
+            }
             let node = &g.nodes[idx];
             let width = g.values[node.output.0].width;
             for v in &node.inputs {
@@ -278,96 +339,50 @@ impl Executor {
                 }
             }
             let r_in = node.inputs.first().map(|v| nrows[v.0]).unwrap_or(n);
-            let get = |i: usize| vals[node.inputs[i].0].as_deref().expect("checked above");
-            let (out, r_out) = match &node.op {
-                Op::Embedding { table } => {
-                    if tokens.len() != n {
-                        return Err(RuntimeError::Invalid(format!(
-                            "node `{}` needs token ids; a span cannot start at an embedding",
-                            node.name
-                        )));
-                    }
-                    let t = &g.weight(*table).data;
-                    let mut o = vec![0.0; n * width];
-                    for (row, &tok) in o.chunks_exact_mut(width).zip(tokens) {
-                        t.read_row_f32(tok as usize, row);
-                    }
-                    (o, n)
-                }
-                Op::RmsNorm { weight, eps } => {
-                    let mut o = vec![0.0; r_in * width];
-                    let w = g
-                        .weight(*weight)
-                        .tensor()
-                        .expect("verified: norm weights are dense");
-                    rms_norm(get(0), w, *eps, &mut o);
-                    (o, r_in)
-                }
-                Op::Linear { weight } => {
-                    let mut o = vec![0.0; r_in * width];
-                    let w = g.weight(*weight);
-                    crate::jit::linear(self.kernels.as_deref(), &w.name, get(0), r_in, &w.data, &mut o)?;
-                    (o, r_in)
-                }
-                Op::Rope {
-                    heads,
-                    head_dim,
-                    theta,
-                } => {
-                    let mut o = get(0).to_vec();
-                    let table = s
-                        .rope
-                        .iter()
-                        .find(|r| r.theta == *theta && r.head_dim == *head_dim)
-                        .expect("session has a table for every Rope op");
-                    table.apply(&mut o, *heads, start);
-                    (o, r_in)
-                }
-                Op::Attention {
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    layer,
-                } => {
-                    let mut o = vec![0.0; r_in * width];
-                    let shape = AttnShape {
-                        heads: *heads,
-                        kv_heads: *kv_heads,
-                        head_dim: *head_dim,
-                    };
-                    attention(shape, get(0), get(1), get(2), &mut s.kv[*layer], start, &mut o);
-                    (o, r_in)
-                }
-                Op::SwiGlu => {
-                    let mut o = vec![0.0; r_in * width];
-                    swiglu(get(0), get(1), &mut o);
-                    (o, r_in)
-                }
-                Op::Add => {
-                    let mut o = vec![0.0; r_in * width];
-                    add(get(0), get(1), &mut o);
-                    (o, r_in)
-                }
-                Op::OutputRows => {
-                    let x = get(0);
-                    (
-                        x[out_rows.start * width..out_rows.end * width].to_vec(),
-                        out_rows.len(),
-                    )
-                }
+            let r_out = match node.op {
+                Op::Embedding { .. } => n,
+                Op::OutputRows => out_rows.len(),
+                _ => r_in,
             };
-            nrows[node.output.0] = r_out;
-            // A kept value no later node reads (the logits) moves to the caller: no copy.
-            let unread = self.last_use[node.output.0] <= idx;
+            let len = r_out * width;
+            // A kept value no later node reads (the logits) moves to the caller: it is
+            // allocated, not placed in the arena, so that it outlives the step uncopied.
+            let unread = self.last_pos[node.output.0] <= pos;
             let wanted = keep.iter().filter(|k| **k == node.output).count();
-            let mut out = Some(out);
+            let to_caller = unread && wanted == 1;
+            let place = match self.arena.as_ref().and_then(|a| a.slots[node.output.0]) {
+                Some((at, cap)) if len <= cap && !to_caller => Some(at..at + len),
+                _ => None,
+            };
+            let mut heap = Vec::new();
+            {
+                let (ins, placed) = node_io(arena, &vals, &node.inputs, place.clone(), &node.name)?;
+                let out: &mut [f32] = match placed {
+                    Some(o) => {
+                        // A kernel that read its output before writing it would see stale
+                        // values of an earlier buffer; debug builds make that visible.
+                        #[cfg(debug_assertions)]
+                        o.fill(f32::NAN);
+                        o
+                    }
+                    None => {
+                        heap = vec![0.0; len];
+                        &mut heap
+                    }
+                };
+                self.run_node(s, idx, tokens, n, start, &out_rows, &ins, r_in, out)?;
+            }
+            nrows[node.output.0] = r_out;
+            let mut out = Some(match place {
+                Some(r) => Val::Arena(r),
+                None => Val::Heap(heap),
+            });
             for (slot, k) in kept.iter_mut().zip(keep) {
                 if *k == node.output {
-                    *slot = if unread && wanted == 1 {
-                        out.take()
-                    } else {
-                        out.clone()
-                    };
+                    *slot = Some(match out.take_if(|_| to_caller) {
+                        Some(Val::Heap(v)) => v,
+                        _ => out.as_ref().expect("not moved").data(arena).to_vec(),
+                    });
                 }
             }
             vals[node.output.0] = out;
@@ -377,7 +392,7 @@ impl Executor {
                 }
             }
             for v in &node.inputs {
-                if self.last_use[v.0] == idx {
+                if self.last_pos[v.0] == pos {
                     vals[v.0] = None;
                 }
             }
@@ -394,5 +409,214 @@ impl Executor {
                 })
             })
             .collect()
+    }
+
+    /// Runs node `idx` on its inputs `ins`, writing its output `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_node(
+        &self,
+        s: &mut Session,
+        idx: usize,
+        tokens: &[u32],
+        n: usize,
+        start: usize,
+        out_rows: &Range<usize>,
+        ins: &[&[f32]],
+        r_in: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let g = &*self.graph;
+        let node = &g.nodes[idx];
+        let width = g.values[node.output.0].width;
+        match &node.op {
+            Op::Embedding { table } => {
+                if tokens.len() != n {
+                    return Err(RuntimeError::Invalid(format!(
+                        "node `{}` needs token ids; a span cannot start at an embedding",
+                        node.name
+                    )));
+                }
+                let t = &g.weight(*table).data;
+                for (row, &tok) in out.chunks_exact_mut(width).zip(tokens) {
+                    t.read_row_f32(tok as usize, row);
+                }
+            }
+            Op::RmsNorm { weight, eps } => {
+                let w = g
+                    .weight(*weight)
+                    .tensor()
+                    .expect("verified: norm weights are dense");
+                rms_norm(ins[0], w, *eps, out);
+            }
+            Op::Linear { weight } => {
+                let w = g.weight(*weight);
+                crate::jit::linear(self.kernels.as_deref(), &w.name, ins[0], r_in, &w.data, out)?;
+            }
+            Op::Rope {
+                heads,
+                head_dim,
+                theta,
+            } => {
+                out.copy_from_slice(ins[0]);
+                let table = s
+                    .rope
+                    .iter()
+                    .find(|r| r.theta == *theta && r.head_dim == *head_dim)
+                    .expect("session has a table for every Rope op");
+                table.apply(out, *heads, start);
+            }
+            Op::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                layer,
+            } => {
+                let shape = AttnShape {
+                    heads: *heads,
+                    kv_heads: *kv_heads,
+                    head_dim: *head_dim,
+                };
+                attention(shape, ins[0], ins[1], ins[2], &mut s.kv[*layer], start, out);
+            }
+            Op::SwiGlu => swiglu(ins[0], ins[1], out),
+            Op::Add => add(ins[0], ins[1], out),
+            Op::OutputRows => {
+                out.copy_from_slice(&ins[0][out_rows.start * width..out_rows.end * width]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// For each value, the last position in `order` of a node that reads it (0: none).
+fn last_positions(g: &Graph, order: &[usize]) -> Vec<usize> {
+    let mut last = vec![0; g.values.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        for v in &g.nodes[i].inputs {
+            last[v.0] = pos;
+        }
+    }
+    last
+}
+
+/// Where a value of a step lives.
+enum Val {
+    /// Allocated: seeds, values the plan does not place, values returned to the caller,
+    /// and every value of an executor without a plan.
+    Heap(Vec<f32>),
+    /// f32s of the arena buffer.
+    Arena(Range<usize>),
+}
+
+impl Val {
+    fn data<'a>(&'a self, arena: &'a [f32]) -> &'a [f32] {
+        match self {
+            Val::Heap(v) => v,
+            Val::Arena(r) => &arena[r.clone()],
+        }
+    }
+}
+
+/// A node's input slices and, when its output is in the arena, the output's slice.
+type NodeIo<'a> = (Vec<&'a [f32]>, Option<&'a mut [f32]>);
+
+/// The inputs of a node and, when its output is `place`d in the arena, the output's
+/// slice. The arena plan guarantees that a node's output never shares bytes with its
+/// inputs (they are live together); a plan that broke this is an error, not aliasing.
+fn node_io<'a>(
+    arena: &'a mut [f32],
+    vals: &'a [Option<Val>],
+    inputs: &[ValueId],
+    place: Option<Range<usize>>,
+    node: &str,
+) -> Result<NodeIo<'a>> {
+    let (lo, out, hi, at) = match place {
+        Some(r) => {
+            let (lo, rest) = arena.split_at_mut(r.start);
+            let (out, hi) = rest.split_at_mut(r.len());
+            (&*lo, Some(out), &*hi, r)
+        }
+        None => (&*arena, None, &[][..], usize::MAX..usize::MAX),
+    };
+    let ins = inputs
+        .iter()
+        .map(|v| match vals[v.0].as_ref().expect("inputs checked") {
+            Val::Heap(h) => Ok(h.as_slice()),
+            Val::Arena(r) if r.end <= at.start => Ok(&lo[r.clone()]),
+            Val::Arena(r) if r.start >= at.end => Ok(&hi[r.start - at.end..r.end - at.end]),
+            Val::Arena(_) => Err(RuntimeError::Invalid(format!(
+                "arena: the output of node `{node}` overlaps its input value {}",
+                v.0
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ins, out))
+}
+
+/// The arena of an executor that follows a plan: where each value goes, and the buffers.
+struct ArenaPlan {
+    /// Per value: its f32 offset and capacity in the arena (`None`: allocated).
+    slots: Vec<Option<(usize, usize)>>,
+    floats: usize,
+    /// Arena buffers no step is using. One is allocated with the executor (its pages are
+    /// touched only as values use them); steps running at the same time take more.
+    pool: Mutex<Vec<Vec<f32>>>,
+}
+
+/// f32s of headroom so that the arena can start on an [`ALIGN`]-byte boundary.
+const ALIGN_FLOATS: usize = ALIGN as usize / 4;
+
+impl ArenaPlan {
+    fn new(plan: &ExecPlan, values: usize) -> ArenaPlan {
+        let mut slots = vec![None; values];
+        for b in &plan.arena.buffers {
+            slots[b.value] = Some((b.offset as usize / 4, b.size as usize / 4));
+        }
+        let floats = (plan.arena.size as usize).div_ceil(4);
+        let a = ArenaPlan {
+            slots,
+            floats,
+            pool: Mutex::new(vec![]),
+        };
+        let first = a.allocate();
+        a.pool.lock().expect("arena pool").push(first);
+        a
+    }
+
+    fn allocate(&self) -> Vec<f32> {
+        vec![0.0; self.floats + ALIGN_FLOATS]
+    }
+
+    fn lease(&self) -> Lease<'_> {
+        let buf = self.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let buf = buf.unwrap_or_else(|| self.allocate());
+        let base = buf.as_ptr().align_offset(ALIGN as usize);
+        Lease {
+            arena: self,
+            buf,
+            base: if base < ALIGN_FLOATS { base } else { 0 },
+        }
+    }
+}
+
+/// An arena buffer in use by one step; back to the pool when the step ends.
+struct Lease<'a> {
+    arena: &'a ArenaPlan,
+    buf: Vec<f32>,
+    base: usize,
+}
+
+impl Lease<'_> {
+    fn floats(&mut self) -> &mut [f32] {
+        let n = self.arena.floats;
+        &mut self.buf[self.base..self.base + n]
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.arena.pool.lock() {
+            p.push(std::mem::take(&mut self.buf));
+        }
     }
 }

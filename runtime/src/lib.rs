@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod memory;
 pub mod ops;
 pub mod packed;
+pub mod plan;
 pub mod sampling;
 pub mod service;
 pub mod tensor;

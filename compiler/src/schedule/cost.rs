@@ -13,37 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::target::{MemoryKind, MemoryLevel, Target};
 
-/// The step a plan is made for: `rows` new tokens of one sequence after `past` cached
-/// positions; the ops after `OutputRows` run on `out_rows` rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Workload {
-    pub rows: usize,
-    pub past: usize,
-    pub out_rows: usize,
-}
-
-impl Workload {
-    /// One generated token after `past` positions.
-    pub fn decode(past: usize) -> Workload {
-        Workload {
-            rows: 1,
-            past,
-            out_rows: 1,
-        }
-    }
-    /// A prefill of `rows` tokens from an empty cache, logits of the last row.
-    pub fn prefill(rows: usize) -> Workload {
-        Workload {
-            rows,
-            past: 0,
-            out_rows: 1,
-        }
-    }
-    /// Positions the KV cache holds after the step.
-    pub fn context(&self) -> usize {
-        self.past + self.rows
-    }
-}
+/// The step a plan is made for (defined in the runtime, which checks a plan against it).
+pub use edge_runtime::plan::Workload;
 
 /// What one op does: arithmetic and traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -82,19 +53,8 @@ pub fn decode_ops(f: &WeightFormat) -> f64 {
     }
 }
 
-/// Rows each value of the graph has in the workload (`OutputRows` and what follows run on
-/// `out_rows`).
-pub fn value_rows(g: &Graph, w: &Workload) -> Vec<usize> {
-    let mut rows = vec![w.rows; g.values.len()];
-    for n in &g.nodes {
-        rows[n.output.0] = match n.op {
-            Op::Embedding { .. } => w.rows,
-            Op::OutputRows => w.out_rows.min(w.rows),
-            _ => n.inputs.first().map_or(w.rows, |v| rows[v.0]),
-        };
-    }
-    rows
-}
+/// Token rows of every value in a step (defined in the runtime).
+pub use edge_runtime::plan::value_rows;
 
 /// Fraction of the SIMD peak the runtime's kernel for `op` reaches on `rows` rows: the
 /// linear kernels are vectorised and threaded; prefill attention runs through gemm

@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::target::Target;
 use arena::Arena;
 use cost::{Machine, OpCost, Workload, op_cost, value_rows};
+use edge_runtime::plan::NodePlan;
 use recompute::RecomputePlan;
 use residency::Residency;
-use tiling::Tile;
 
 /// Bytes the runtime itself holds besides the plan's buffers (code, tokenizer, manifest,
 /// allocator slack): `edge-runtime eval`'s peak RSS on SmolLM2-135M (49k-token vocabulary)
@@ -110,17 +110,16 @@ pub enum Residence {
 /// The plan of one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpPlan {
-    /// Index of the node in the graph.
-    pub node: usize,
-    pub name: String,
+    /// The node, its tile and threads (planned step and decode step): what the runtime
+    /// follows (`edge_runtime::plan::NodePlan`).
+    #[serde(flatten)]
+    pub exec: NodePlan,
     pub op: String,
     /// The weight's storage format, for ops with a weight.
     pub format: Option<String>,
     /// Token rows the op runs on.
     pub rows: usize,
     pub cost: OpCost,
-    pub tile: Option<Tile>,
-    pub threads: usize,
     pub weight: Residence,
     /// Streamed weights (ids) the runtime releases after this node.
     pub release: Vec<usize>,
@@ -203,26 +202,11 @@ fn scratch_bytes(g: &Graph, w: &Workload, cores: usize) -> u64 {
     per_thread.max(scores) * cores as u64
 }
 
-/// The arena of the graph for a workload.
+/// The arena of the graph for a workload, its nodes in graph order (the order the pass
+/// keeps and the runtime follows).
 pub fn plan_arena(g: &Graph, w: &Workload) -> Arena {
-    let rows = value_rows(g, w);
-    let n = g.nodes.len();
-    let mut first = vec![usize::MAX; g.values.len()];
-    let mut last = vec![0usize; g.values.len()];
-    for (i, node) in g.nodes.iter().enumerate() {
-        first[node.output.0] = i;
-        last[node.output.0] = last[node.output.0].max(i);
-        for v in &node.inputs {
-            last[v.0] = last[v.0].max(i);
-        }
-    }
-    // The logits are returned: they live to the end.
-    last[g.logits.0] = n.saturating_sub(1);
-    let values: Vec<(usize, u64, usize, usize)> = (0..g.values.len())
-        .filter(|&v| first[v] != usize::MAX)
-        .map(|v| (v, 4 * (rows[v] * g.values[v].width) as u64, first[v], last[v]))
-        .collect();
-    Arena::plan(&values)
+    let order: Vec<usize> = (0..g.nodes.len()).collect();
+    Arena::for_graph(g, w, &order)
 }
 
 /// The scheduling pass: plans `graph` for `target` and returns it with its schedule.
@@ -317,14 +301,18 @@ pub fn schedule(graph: Graph, target: &Target, o: &Options) -> Result<(Graph, Sc
             0
         };
         ops.push(OpPlan {
-            node: i,
-            name: node.name.clone(),
+            exec: NodePlan {
+                node: i,
+                name: node.name.clone(),
+                tile,
+                threads: nthreads,
+                decode_tile: dtile,
+                decode_threads: Some(dthreads),
+            },
             op: node.op.name().to_string(),
             format: wid.map(|id| g.weights[id].data.format().to_string()),
             rows: r,
             cost,
-            tile,
-            threads: nthreads,
             weight: if is_streamed {
                 Residence::Streamed
             } else {
@@ -367,14 +355,19 @@ impl Schedule {
         if self.ops.len() != g.nodes.len() {
             return Err(format!("{} op plans for {} nodes", self.ops.len(), g.nodes.len()));
         }
-        for (i, (p, n)) in self.ops.iter().zip(&g.nodes).enumerate() {
+        for (i, (op, n)) in self.ops.iter().zip(&g.nodes).enumerate() {
+            let p = &op.exec;
             if p.node != i || p.name != n.name {
                 return Err(format!(
                     "op plan {i} is for `{}`, the node is `{}`",
                     p.name, n.name
                 ));
             }
-            if p.threads == 0 || p.threads > self.cores {
+            if [Some(p.threads), p.decode_threads]
+                .into_iter()
+                .flatten()
+                .any(|t| t == 0 || t > self.cores)
+            {
                 return Err(format!(
                     "node `{}`: {} threads on {} cores",
                     n.name, p.threads, self.cores
@@ -383,7 +376,7 @@ impl Schedule {
             let wid = node_weight(&n.op);
             let streamed = wid.is_some_and(|id| self.residency.streamed.contains(&id));
             let expect: Vec<usize> = wid.filter(|_| streamed).into_iter().collect();
-            if p.release != expect || (p.weight == Residence::Streamed) != streamed {
+            if op.release != expect || (op.weight == Residence::Streamed) != streamed {
                 return Err(format!(
                     "node `{}`: its weight's residency and release disagree",
                     n.name
@@ -509,6 +502,7 @@ impl fmt::Display for Schedule {
         )?;
         for p in &self.ops {
             let tile = p
+                .exec
                 .tile
                 .as_ref()
                 .map(|t| format!("{}x{} @{}", t.weight_rows, t.token_rows, t.level))
@@ -516,8 +510,8 @@ impl fmt::Display for Schedule {
             writeln!(
                 f,
                 "{:>4} {:<24} {:<10} {:<16} {:>5} {:>9.3} {:>10.1} {:<8} {:<22} {:>3} {:>10.1} {:>10.1} {:>10.2}",
-                p.node,
-                p.name,
+                p.exec.node,
+                p.exec.name,
                 p.op,
                 p.format.as_deref().unwrap_or(""),
                 p.rows,
@@ -528,7 +522,7 @@ impl fmt::Display for Schedule {
                     Residence::Resident => "",
                 },
                 tile,
-                p.threads,
+                p.exec.threads,
                 p.decode_seconds * 1e6,
                 p.seconds * 1e6,
                 p.memory_bytes as f64 / (1u64 << 20) as f64

@@ -7,23 +7,11 @@
 //! into blocks of cached positions per head.
 
 use edge_runtime::ir::{Graph, Node, Op};
-use serde::{Deserialize, Serialize};
 
 use crate::target::{MemoryKind, Target};
 
-/// One op's tile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tile {
-    /// Weight rows (output features) a tile covers; for attention, cached positions.
-    pub weight_rows: usize,
-    /// Token rows a tile covers.
-    pub token_rows: usize,
-    /// Bytes of the tile's working set.
-    pub bytes: u64,
-    /// The memory level (its name in the target) the working set fits in; `DRAM` when no
-    /// on-chip level holds even the smallest tile.
-    pub level: String,
-}
+/// One op's tile (defined in the runtime, which follows it).
+pub use edge_runtime::plan::Tile;
 
 /// Smallest tile along the weight rows (one SIMD-friendly block).
 const MIN_ROWS: usize = 4;

@@ -416,6 +416,8 @@ pub struct Bundle {
     manifest: pb::Manifest,
     verification: Verification,
     graph: Arc<Graph>,
+    /// The schedule the executor follows (parsed from `plan_json`, checked on open).
+    plan: Option<crate::plan::ExecPlan>,
     tokenizer: Option<Tokenizer>,
     sha256: [u8; 32],
 }
@@ -473,6 +475,14 @@ impl Bundle {
                 graph.weights.len()
             )));
         }
+        let plan = match &m.schedule {
+            Some(sc) if !sc.plan_json.is_empty() => {
+                let plan = crate::plan::ExecPlan::from_json(&sc.plan_json).map_err(|e| bad(e.to_string()))?;
+                plan.check(&graph).map_err(|e| bad(e.to_string()))?;
+                Some(plan)
+            }
+            _ => None,
+        };
         let tokenizer = match &m.tokenizer {
             Some(t) => Some(
                 Tokenizer::from_json(&t.json, t.add_bos, t.bos, t.eos.clone())
@@ -488,6 +498,7 @@ impl Bundle {
             manifest: c.manifest,
             verification: c.verification,
             graph: Arc::new(graph),
+            plan,
             tokenizer,
             sha256,
         })
@@ -570,6 +581,18 @@ impl Bundle {
             .collect()
     }
 
+    /// The schedule as the executor follows it (checked against the graph when the
+    /// bundle was opened); `None` for a bundle built without one.
+    pub fn plan(&self) -> Option<&crate::plan::ExecPlan> {
+        self.plan.as_ref()
+    }
+
+    /// The tuning window's keep-vs-recompute decision the bundle was planned with
+    /// (`edgec build --train A:B --seq S`), if any.
+    pub fn recompute(&self) -> Option<crate::plan::TuningDecision> {
+        self.plan.as_ref().and_then(|p| p.recompute)
+    }
+
     pub fn manifest(&self) -> &pb::Manifest {
         &self.manifest
     }
@@ -579,18 +602,29 @@ impl Bundle {
     /// without `jit`, run the reference kernels) and its schedule's streamed weights
     /// released after each use. Also returns how many kernels were compiled.
     pub fn executor(&self, jit: bool) -> crate::Result<(crate::Executor, usize)> {
+        self.executor_following(jit, crate::exec::Follow::ALL)
+    }
+
+    /// [`executor`](Self::executor) following only the parts of the schedule in `follow`
+    /// (its residency always).
+    pub fn executor_following(
+        &self,
+        jit: bool,
+        follow: crate::exec::Follow,
+    ) -> crate::Result<(crate::Executor, usize)> {
         let streamed = self.streamed_weights();
         let sources = self.kernel_sources();
-        if !jit || sources.is_empty() {
-            return Ok((
-                crate::Executor::new(self.graph_arc())?.with_streamed_weights(&streamed)?,
-                0,
-            ));
+        let (exec, n) = if !jit || sources.is_empty() {
+            (crate::Executor::new(self.graph_arc())?, 0)
+        } else {
+            let set = crate::jit::KernelSet::compile(&sources)?;
+            let n = set.functions();
+            (crate::Executor::with_kernels(self.graph_arc(), Arc::new(set))?, n)
+        };
+        let mut exec = exec.with_streamed_weights(&streamed)?;
+        if let Some(plan) = &self.plan {
+            exec = exec.with_plan(plan, follow)?;
         }
-        let set = crate::jit::KernelSet::compile(&sources)?;
-        let n = set.functions();
-        let exec = crate::Executor::with_kernels(self.graph_arc(), Arc::new(set))?
-            .with_streamed_weights(&streamed)?;
         Ok((exec, n))
     }
 }
