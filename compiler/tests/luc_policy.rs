@@ -878,7 +878,7 @@ fn measured_refinement_finds_what_the_prediction_misses_and_keeps_only_gains() {
         &problem,
         &budget,
         &opts,
-        start,
+        vec![("optimal".into(), start)],
         3,
         |choice| Ok(compounding_loss(&p, choice)),
         |t| seen.push(t.loss),
@@ -916,11 +916,117 @@ fn measured_refinement_finds_what_the_prediction_misses_and_keeps_only_gains() {
         &problem,
         &budget,
         &opts,
-        start,
+        vec![("optimal".into(), start)],
         2,
         |_| anyhow::bail!("disk full"),
         |_| {},
     )
     .unwrap_err();
     assert!(err.to_string().contains("disk full"));
+}
+
+#[test]
+fn refinement_starts_from_the_best_measured_start_and_trades_within_the_budget() {
+    use edgec::luc::refine::{self, Origin};
+    let cands = vec![
+        cand(3, 0.0),
+        cand(3, 0.3),
+        cand(3, 0.5),
+        cand(3, 0.7),
+        cand(4, 0.0),
+    ];
+    let shapes = vec![vec![(16, 32)]; 5];
+    let nmse: Vec<Vec<f64>> = (0..5)
+        .map(|l| {
+            let k = 1.0 + l as f64 * 0.1;
+            vec![0.2 * k, 0.5 * k, 1.0 * k, 1.2 * k, 0.1 * k]
+        })
+        .collect();
+    let mut p = profile(cands, &shapes, &nmse);
+    // Layer 0's output is damaged most, so the moves visit it first.
+    p.layers[0].nmse = vec![5.0, 6.0, 9.0, 12.0, 4.0];
+    for l in &mut p.layers[1..] {
+        l.linears[0].nmse = l.nmse.clone();
+    }
+    let problem = Problem::new(&p, Objective::LinearNmse).unwrap();
+    let budget = Budget::parse("bits=3,sparsity=0.5").unwrap();
+    let opts = Options::default();
+    let knapsack = search::search(&problem, &budget, Method::Optimal, &opts).unwrap();
+    let uniform = search::search(&problem, &budget, Method::Uniform, &opts).unwrap();
+    assert!(
+        uniform.choice.iter().all(|&c| c == 2),
+        "uniform 3-bit at 0.5 sparsity"
+    );
+    // The true loss punishes uneven sparsity (the knapsack's way) and pruning layer 0 hard.
+    let true_loss = |choice: &[usize]| -> f64 {
+        let s: Vec<f64> = choice.iter().map(|&c| p.candidates[c].sparsity).collect();
+        let mean = s.iter().sum::<f64>() / s.len() as f64;
+        let spread: f64 = s.iter().map(|x| (x - mean).powi(2)).sum();
+        choice
+            .iter()
+            .enumerate()
+            .map(|(l, &c)| p.layers[l].nmse[c])
+            .sum::<f64>()
+            * 0.1
+            + 100.0 * spread.max(0.0)
+            + 60.0 * s[0]
+    };
+    let (kept, trials) = refine::refine(
+        &problem,
+        &budget,
+        &opts,
+        vec![
+            ("optimal".into(), knapsack.clone()),
+            ("uniform".into(), uniform.clone()),
+        ],
+        4,
+        |c| Ok(true_loss(c)),
+        |_| {},
+    )
+    .unwrap();
+    // Both starts measured first, in order; the knapsack's start is not the best here.
+    assert_eq!(trials[0].origin, Origin::Start("optimal".into()));
+    assert_eq!(trials[1].origin, Origin::Start("uniform".into()));
+    assert!(
+        trials[1].loss < trials[0].loss,
+        "{} vs {}",
+        trials[1].loss,
+        trials[0].loss
+    );
+    // From uniform the first move trades layer 0 up (0.5 -> 0.3) against another layer's
+    // step down (0.5 -> 0.7), the cheapest payer by the predicted error: the last layer is
+    // not it (its nmse grows most), layer 1 is.
+    assert_eq!(
+        trials[2].origin,
+        Origin::Trade {
+            up: (0, 1),
+            down: Some((1, 3))
+        }
+    );
+    assert!(trials[2].accepted, "pruning layer 0 less pays here");
+    let mut running = f64::INFINITY;
+    let mut current = uniform.choice.clone();
+    for t in &trials {
+        assert!(
+            budget.admits(&problem.evaluate(&t.choice).1),
+            "trial breaks the budget"
+        );
+        assert_eq!(t.accepted, t.loss < running);
+        running = running.min(t.loss);
+        if let Origin::Trade { .. } = t.origin {
+            // A trade changes at most two layers of the policy kept before it.
+            let changed = t.choice.iter().zip(&current).filter(|(a, b)| a != b).count();
+            assert!((1..=2).contains(&changed), "{changed} layers changed");
+            if t.accepted {
+                current = t.choice.clone();
+            }
+        }
+    }
+    assert_eq!(
+        true_loss(&kept.choice),
+        running,
+        "the kept policy is the best measured"
+    );
+    assert_eq!(kept.method, Method::Optimal);
+    assert!(running <= trials[1].loss, "never worse than the best start");
 }

@@ -415,8 +415,9 @@ fn policy_refined_by_measurement_keeps_the_best_measured_policy() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!((2..=4).contains(&lines.len()), "{} trials", lines.len());
-    assert!(lines[0]["pins"].as_array().unwrap().is_empty());
+    // Up to three distinct starts (knapsack, uniform, edge-llm), then up to three moves.
+    assert!((2..=6).contains(&lines.len()), "{} trials", lines.len());
+    assert_eq!(lines[0]["origin"]["start"], "optimal");
     // The policy written is the measured best, and every trial's loss is a real loss.
     let best = lines
         .iter()

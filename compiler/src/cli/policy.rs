@@ -61,11 +61,15 @@ layer (no mixing: bits=3.5 on a {2,3,4,8} grid gives 3 bits)\n\n\
 REFINEMENT (optimal --refine N --refine-text HELD_OUT.txt)\n  \
 The knapsack's predicted error adds up single-layer measurements; compressing all layers at once is not \
 additive (an early layer's error reaches every layer above, which is then compressed on damaged inputs). \
---refine measures instead: it compresses the whole model by the knapsack policy (GPTQ/SparseGPT on --samples \
-x --seq tokens of --calib, as `edgec compress`) and takes its loss on --refine-samples x --seq tokens of \
---refine-text; then, for the layers in decreasing order of their layer-output nmse, it pins the layer to \
-its dense candidate (or, when dense, the next bit-width), re-solves the knapsack around the pins, measures, \
-and keeps the move when the loss went down. Every policy tried meets the budget. Cost: N+1 compressions."
+--refine measures instead. Starts: it compresses the whole model by the knapsack policy and by the uniform \
+and edge-llm policies for the same budget (GPTQ/SparseGPT on --samples x --seq tokens of --calib, as \
+`edgec compress`) and takes each one's loss on --refine-samples x --seq tokens of --refine-text; the lowest \
+is kept. Moves, for the layers in decreasing order of their layer-output nmse: from the knapsack start it \
+pins the layer to its dense candidate (or, when dense, the next bit-width) and re-solves the knapsack around \
+the pins; from a heuristic's start it trades: the layer one step up the grid (next lower sparsity, or next \
+bit-width), the one other layer whose predicted error grows least paying for it within the budget. Each \
+move is measured and kept when the loss went down. Every policy tried meets the budget. Cost: up to N+3 \
+compressions."
 )]
 pub struct PolicyArgs {
     /// Sensitivity profile written by `edgec profile`.
@@ -224,7 +228,7 @@ fn refine_by_measurement(
     let eval_samples = samples(text_path, a.refine_samples)?;
     let layers = profile.layers.len() as u64;
     let pb = super::progress_bar(
-        (a.refine as u64 + 1) * layers,
+        (a.refine as u64 + 3) * layers,
         "refining: compressing and measuring",
     );
     let mut done = 0u64;
@@ -240,18 +244,25 @@ fn refine_by_measurement(
         let inputs = calib::embed(&graph, &eval_samples)?;
         calib::loss_from(&exec, &ids, &inputs, &eval_samples, a.seq)
     };
-    let (sol, trials) = refine::refine(problem, &a.budget, opts, start, a.refine, measure, |t| {
-        let what = if t.pins.is_empty() {
-            "start "
-        } else if t.accepted {
-            "kept  "
-        } else {
-            "undone"
+    // The knapsack optimum first, then the heuristics' policies for the same budget.
+    let mut starts = vec![(Method::Optimal.name().to_string(), start)];
+    for m in [Method::Uniform, Method::EdgeLlm] {
+        match search::search(problem, &a.budget, m, opts) {
+            Ok(s) => starts.push((m.name().to_string(), s)),
+            Err(e) => tracing::info!("refine: no {m} start: {e}"),
+        }
+    }
+    let (sol, trials) = refine::refine(problem, &a.budget, opts, starts, a.refine, measure, |t| {
+        let what = match &t.origin {
+            refine::Origin::Start(name) => format!("start {name}"),
+            refine::Origin::Pins(p) => format!("pins {p:?}"),
+            refine::Origin::Trade { up, down } => format!("trade up {up:?} down {down:?}"),
         };
+        let verdict = if t.accepted { "kept  " } else { "undone" };
         pb.suspend(|| {
             eprintln!(
-                "refine: {what} loss {:.5}  predicted {:.4e}  pins {:?}",
-                t.loss, t.predicted, t.pins
+                "refine: {verdict} loss {:.5}  predicted {:.4e}  {what}",
+                t.loss, t.predicted
             )
         });
     })?;
@@ -262,7 +273,11 @@ fn refine_by_measurement(
             .map(|t| {
                 let line = serde_json::json!({
                     "budget": a.budget.to_string(),
-                    "pins": t.pins,
+                    "origin": match &t.origin {
+                        refine::Origin::Start(name) => serde_json::json!({"start": name}),
+                        refine::Origin::Pins(p) => serde_json::json!({"pins": p}),
+                        refine::Origin::Trade { up, down } => serde_json::json!({"trade": {"up": up, "down": down}}),
+                    },
                     "loss": t.loss,
                     "predicted": t.predicted,
                     "accepted": t.accepted,

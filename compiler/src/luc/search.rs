@@ -485,7 +485,8 @@ pub fn search(
     }
 }
 
-fn solution(problem: &Problem, method: Method, choice: Vec<usize>) -> Solution {
+/// The solution of a choice: its predicted error and usage.
+pub(crate) fn solution(problem: &Problem, method: Method, choice: Vec<usize>) -> Solution {
     let (error, usage) = problem.evaluate(&choice);
     Solution {
         method,
