@@ -14,6 +14,15 @@ typedef void (*matvec_fn)(const int8_t *, const float *, const float *, const ui
                           const uint8_t *, const uint8_t *, float *, uint64_t, uint64_t);
 typedef void (*decode_fn)(const uint8_t *, const uint8_t *, const uint8_t *, float *, uint64_t,
                           uint64_t);
+typedef void (*sparse_matvec_fn)(const float *, const uint8_t *, const uint8_t *, const uint8_t *,
+                                 const uint8_t *, const uint64_t *, const uint64_t *, float *,
+                                 float *, uint64_t, uint64_t);
+typedef void (*sparse_decode_fn)(const uint8_t *, const uint8_t *, const uint8_t *,
+                                 const uint8_t *, const uint64_t *, const uint64_t *, float *,
+                                 uint64_t, uint64_t);
+
+/* Values a sparse decode kernel may write past its last row, and the scratch row's slack. */
+#define SPARSE_SLACK 136
 
 struct blob {
     uint64_t len;
@@ -41,27 +50,41 @@ static long run(const char *dir, const struct kernel *k) {
         return -1;
     }
     uint64_t kind, rows, cols, padded;
-    struct blob codes, scales, mins, xq, xd, xs, expected, tol;
+    struct blob codes, scales, mins, xq, xd, xs, expected, tol, pos, kstart, gstart;
     if (read_u64(f, &kind) || read_u64(f, &rows) || read_u64(f, &cols) || read_u64(f, &padded) ||
         read_blob(f, &codes) || read_blob(f, &scales) || read_blob(f, &mins) || read_blob(f, &xq) ||
-        read_blob(f, &xd) || read_blob(f, &xs) || read_blob(f, &expected) || read_blob(f, &tol)) {
+        read_blob(f, &xd) || read_blob(f, &xs) || read_blob(f, &expected) || read_blob(f, &tol) ||
+        read_blob(f, &pos) || read_blob(f, &kstart) || read_blob(f, &gstart) || kind > 3 ||
+        expected.len < 4 * (kind % 2 ? rows * cols : rows) ||
+        (kind >= 2 && kstart.len < 8 * (rows + 1))) {
         fprintf(stderr, "%s: truncated or corrupt\n", path);
         fclose(f);
         return -1;
     }
     fclose(f);
-    const uint8_t *mp = mins.len ? mins.data : scales.data;
+    const uint8_t *sp = scales.len ? scales.data : codes.data;
+    const uint8_t *mp = mins.len ? mins.data : sp;
+    const uint64_t *ks = (const uint64_t *)kstart.data, *gs = (const uint64_t *)gstart.data;
     const float *want = (const float *)expected.data, *eps = (const float *)tol.data;
     long bad = 0;
-    if (kind == 0) {
+    if (kind == 0 || kind == 2) {
         float *y = malloc(rows * sizeof(float));
+        float *scratch = calloc(cols + SPARSE_SLACK, sizeof(float));
         uint64_t h = rows / 2;
-        matvec_fn fn = (matvec_fn)k->fn;
         /* Two calls: the second starts mid-weight (r0 > 0). */
-        fn((const int8_t *)xq.data, (const float *)xd.data, (const float *)xs.data, codes.data,
-           scales.data, mp, y, 0, h);
-        fn((const int8_t *)xq.data, (const float *)xd.data, (const float *)xs.data, codes.data,
-           scales.data, mp, y + h, h, rows);
+        if (kind == 0) {
+            matvec_fn fn = (matvec_fn)k->fn;
+            fn((const int8_t *)xq.data, (const float *)xd.data, (const float *)xs.data,
+               codes.data, sp, mp, y, 0, h);
+            fn((const int8_t *)xq.data, (const float *)xd.data, (const float *)xs.data,
+               codes.data, sp, mp, y + h, h, rows);
+        } else {
+            sparse_matvec_fn fn = (sparse_matvec_fn)k->fn;
+            const float *x = (const float *)xq.data;
+            fn(x, codes.data, sp, mp, pos.data, ks, gs, scratch, y, 0, h);
+            fn(x, codes.data, sp, mp, pos.data, ks, gs, scratch, y + h, h, rows);
+        }
+        free(scratch);
         for (uint64_t r = 0; r < rows; r++)
             if (!(fabsf(y[r] - want[r]) <= eps[r])) {
                 if (bad < 3) fprintf(stderr, "%s: y[%llu] = %g, want %g\n", k->name,
@@ -70,8 +93,17 @@ static long run(const char *dir, const struct kernel *k) {
             }
         free(y);
     } else {
-        float *out = malloc(rows * padded * sizeof(float));
-        ((decode_fn)k->fn)(codes.data, scales.data, mp, out, 0, rows);
+        float *out = malloc((rows * padded + SPARSE_SLACK) * sizeof(float));
+        uint64_t h = rows / 2;
+        /* Two calls again; the first may write slack into the second's rows. */
+        if (kind == 1) {
+            ((decode_fn)k->fn)(codes.data, sp, mp, out, 0, h);
+            ((decode_fn)k->fn)(codes.data, sp, mp, out + h * padded, h, rows);
+        } else {
+            ((sparse_decode_fn)k->fn)(codes.data, sp, mp, pos.data, ks, gs, out, 0, h);
+            ((sparse_decode_fn)k->fn)(codes.data, sp, mp, pos.data, ks, gs, out + h * padded, h,
+                                      rows);
+        }
         for (uint64_t r = 0; r < rows; r++)
             for (uint64_t j = 0; j < cols; j++) {
                 float got = out[r * padded + j], w = want[r * cols + j];
@@ -94,7 +126,7 @@ int main(int argc, char **argv) {
     int passed = 0, failed = 0;
     for (int i = 0; i < NKERNELS; i++) {
         long bad = run(argv[1], &KERNELS[i]);
-        printf("%-32s %s\n", KERNELS[i].name, bad == 0 ? "ok" : "FAILED");
+        printf("%-40s %s\n", KERNELS[i].name, bad == 0 ? "ok" : "FAILED");
         if (bad == 0)
             passed++;
         else

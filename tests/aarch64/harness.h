@@ -5,7 +5,7 @@
 
 struct kernel {
     const char *name;
-    int kind; /* 0 matvec, 1 decode */
+    int kind; /* 0 matvec, 1 decode, 2 sparse matvec, 3 sparse decode */
     void *fn;
 };
 
