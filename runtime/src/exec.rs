@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Result, RuntimeError};
 use crate::ir::{Graph, Op, ValueId};
+use crate::kernels::Split;
 use crate::ops::activation::{add, swiglu};
-use crate::ops::attention::{AttnShape, KvSlot, attention};
+use crate::ops::attention::{AttnShape, KvSlot, attention_threads};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::RopeTable;
 use crate::plan::{ALIGN, ExecPlan};
@@ -86,6 +87,9 @@ pub struct Executor {
     last_pos: Vec<usize>,
     /// The static memory plan, when following one.
     arena: Option<ArenaPlan>,
+    /// Per node, the planned split of its kernel for steps of more than 3 rows and for
+    /// decode steps (empty: the kernels' defaults).
+    splits: Vec<[Option<Split>; 2]>,
     /// JIT kernels for compressed weights (`Op::Linear` uses them when present).
     kernels: Option<Arc<crate::jit::KernelSet>>,
     /// Streamed weights to release after each node (empty: everything stays resident).
@@ -101,6 +105,7 @@ impl Executor {
             order,
             graph,
             arena: None,
+            splits: vec![],
             kernels: None,
             release: vec![],
         })
@@ -120,6 +125,22 @@ impl Executor {
             self.order = plan.order();
             self.last_pos = last_positions(&self.graph, &self.order);
             self.arena = Some(ArenaPlan::new(plan, self.graph.values.len()));
+        }
+        if follow.kernels {
+            self.splits = vec![[None; 2]; self.graph.nodes.len()];
+            for p in &plan.ops {
+                let split = |tile: &Option<crate::plan::Tile>, threads: usize| {
+                    tile.as_ref().map(|t| Split {
+                        weight_rows: t.weight_rows,
+                        token_rows: t.token_rows,
+                        threads,
+                    })
+                };
+                self.splits[p.node] = [
+                    split(&p.tile, p.threads),
+                    split(&p.decode_tile, p.decode_threads.unwrap_or(p.threads)),
+                ];
+            }
         }
         Ok(self)
     }
@@ -428,6 +449,11 @@ impl Executor {
         let g = &*self.graph;
         let node = &g.nodes[idx];
         let width = g.values[node.output.0].width;
+        // The plan's split for this step: the decode one (matvec blocks) for up to 3 rows.
+        let split = self
+            .splits
+            .get(idx)
+            .and_then(|s| s[usize::from(r_in <= MATVEC_ROWS)]);
         match &node.op {
             Op::Embedding { table } => {
                 if tokens.len() != n {
@@ -450,7 +476,11 @@ impl Executor {
             }
             Op::Linear { weight } => {
                 let w = g.weight(*weight);
-                crate::jit::linear(self.kernels.as_deref(), &w.name, ins[0], r_in, &w.data, out)?;
+                match self.kernels.as_deref().and_then(|k| k.get(&w.name)) {
+                    // The generated kernels cut the work their own way.
+                    Some(k) => k.linear(ins[0], r_in, &w.data, out)?,
+                    None => crate::kernels::linear_split(ins[0], r_in, &w.data, out, split),
+                }
             }
             Op::Rope {
                 heads,
@@ -476,7 +506,17 @@ impl Executor {
                     kv_heads: *kv_heads,
                     head_dim: *head_dim,
                 };
-                attention(shape, ins[0], ins[1], ins[2], &mut s.kv[*layer], start, out);
+                let threads = split.map(|s| s.threads);
+                attention_threads(
+                    shape,
+                    ins[0],
+                    ins[1],
+                    ins[2],
+                    &mut s.kv[*layer],
+                    start,
+                    out,
+                    threads,
+                );
             }
             Op::SwiGlu => swiglu(ins[0], ins[1], out),
             Op::Add => add(ins[0], ins[1], out),
@@ -487,6 +527,9 @@ impl Executor {
         Ok(())
     }
 }
+
+/// Steps of up to this many rows run the linear kernels as matvecs (`kernels::linear`).
+const MATVEC_ROWS: usize = 3;
 
 /// For each value, the last position in `order` of a node that reads it (0: none).
 fn last_positions(g: &Graph, order: &[usize]) -> Vec<usize> {

@@ -10,6 +10,11 @@
 //!   (token rows x weight rows); each tile converts (or decodes) its weight rows to f32 once
 //!   (amortised over all the tile's tokens) and multiplies with the `gemm` crate. Tiles run
 //!   in parallel on the rayon pool.
+//!
+//! [`linear_split`] cuts the work as a schedule planned it ([`Split`]: weight rows and
+//! token rows a tile, threads); [`linear`] uses the defaults below. Every output value is
+//! the same dot product either way, so a matvec gives the same bits whatever the split;
+//! a GEMM tile's sums may round differently when the tile's shape changes gemm's blocking.
 
 use rayon::prelude::*;
 
@@ -23,6 +28,23 @@ const MATVEC_MAX_ROWS: usize = 3;
 const TILE_N: usize = 256;
 /// Smallest number of token rows in a tile.
 const MIN_TILE_M: usize = 64;
+
+/// How a product is cut (a schedule's tile and thread split, `edge_runtime::plan::Tile`):
+/// output blocks of `weight_rows` weight rows (matvec) or `token_rows x weight_rows` tiles
+/// (GEMM), spread over at most `threads` parallel tasks of the rayon pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub weight_rows: usize,
+    pub token_rows: usize,
+    pub threads: usize,
+}
+
+impl Split {
+    /// Items a parallel task takes at least so that `items` make at most `threads` tasks.
+    pub fn min_len(threads: usize, items: usize) -> usize {
+        items.div_ceil(threads.max(1)).max(1)
+    }
+}
 
 /// Borrows row `j` of the weight.
 #[inline]
@@ -64,6 +86,11 @@ fn rows_f32<'a>(w: &'a WeightData, j0: usize, j1: usize, k: usize, scratch: &'a 
 
 /// Computes `out[rows, n] = x[rows, k] W^T`. `w` must be a matrix `[n, k]`.
 pub fn linear(x: &[f32], rows: usize, w: &WeightData, out: &mut [f32]) {
+    linear_split(x, rows, w, out, None)
+}
+
+/// [`linear`] cut as `split` says (`None`: the default tiles on the whole pool).
+pub fn linear_split(x: &[f32], rows: usize, w: &WeightData, out: &mut [f32], split: Option<Split>) {
     let (n, k) = dims(w);
     assert_eq!(
         x.len(),
@@ -82,40 +109,58 @@ pub fn linear(x: &[f32], rows: usize, w: &WeightData, out: &mut [f32]) {
     }
     if rows <= MATVEC_MAX_ROWS {
         for (xr, orow) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            matvec(xr, w, k, orow);
+            matvec(xr, w, k, orow, split);
         }
     } else {
-        matmul_tiled(x, rows, w, n, k, out);
+        matmul_tiled(x, rows, w, n, k, out, split);
     }
 }
 
-fn matvec(x: &[f32], w: &WeightData, k: usize, out: &mut [f32]) {
-    // About 16 chunks per thread keeps the pool busy without much scheduling cost.
-    let chunk = (out.len() / (16 * rayon::current_num_threads())).clamp(16, 1024);
+fn matvec(x: &[f32], w: &WeightData, k: usize, out: &mut [f32], split: Option<Split>) {
+    // By default about 16 chunks per thread keeps the pool busy without much scheduling
+    // cost; a split gives the block of rows and the tasks.
+    let (chunk, min_len) = match split {
+        Some(s) => {
+            let chunk = s.weight_rows.clamp(1, out.len().max(1));
+            (chunk, Split::min_len(s.threads, out.len().div_ceil(chunk)))
+        }
+        None => (
+            (out.len() / (16 * rayon::current_num_threads())).clamp(16, 1024),
+            1,
+        ),
+    };
     match w {
-        WeightData::Dense(t) => out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
-            let base = c * chunk;
-            for (j, y) in o.iter_mut().enumerate() {
-                *y = dot(weight_row(t, base + j, k), x);
-            }
-        }),
-        WeightData::Packed(p) => match p.group_sums(x) {
-            // Quantized rows: a fused per-group dot, no decoded row.
-            Some(xsums) => out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+        WeightData::Dense(t) => out
+            .par_chunks_mut(chunk)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let base = c * chunk;
                 for (j, y) in o.iter_mut().enumerate() {
-                    *y = p.dot_quant_row(c * chunk + j, x, &xsums);
+                    *y = dot(weight_row(t, base + j, k), x);
                 }
             }),
+        WeightData::Packed(p) => match p.group_sums(x) {
+            // Quantized rows: a fused per-group dot, no decoded row.
+            Some(xsums) => out
+                .par_chunks_mut(chunk)
+                .with_min_len(min_len)
+                .enumerate()
+                .for_each(|(c, o)| {
+                    for (j, y) in o.iter_mut().enumerate() {
+                        *y = p.dot_quant_row(c * chunk + j, x, &xsums);
+                    }
+                }),
             // Sparse rows: x gathered at the kept columns, dotted with the kept values.
-            None => {
-                out.par_chunks_mut(chunk)
-                    .enumerate()
-                    .for_each_init(Vec::<f32>::new, |scratch, (c, o)| {
-                        for (j, y) in o.iter_mut().enumerate() {
-                            *y = p.dot_sparse_row(c * chunk + j, x, scratch);
-                        }
-                    })
-            }
+            None => out
+                .par_chunks_mut(chunk)
+                .with_min_len(min_len)
+                .enumerate()
+                .for_each_init(Vec::<f32>::new, |scratch, (c, o)| {
+                    for (j, y) in o.iter_mut().enumerate() {
+                        *y = p.dot_sparse_row(c * chunk + j, x, scratch);
+                    }
+                }),
         },
     }
 }
@@ -195,17 +240,32 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-fn matmul_tiled(x: &[f32], rows: usize, w: &WeightData, n: usize, k: usize, out: &mut [f32]) {
-    let threads = rayon::current_num_threads();
-    let tn = TILE_N.min(n);
+fn matmul_tiled(
+    x: &[f32],
+    rows: usize,
+    w: &WeightData,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    split: Option<Split>,
+) {
+    let (tn, tm) = match split {
+        Some(s) => (s.weight_rows.clamp(1, n), s.token_rows.clamp(1, rows)),
+        None => {
+            let tn = TILE_N.min(n);
+            // Split the token rows too when there are too few weight tiles to feed every
+            // thread.
+            let want_m_tiles = (2 * rayon::current_num_threads()).div_ceil(n.div_ceil(tn)).max(1);
+            (tn, rows.div_ceil(want_m_tiles).max(MIN_TILE_M).min(rows))
+        }
+    };
     let n_tiles = n.div_ceil(tn);
-    // Split the token rows too when there are too few weight tiles to feed every thread.
-    let want_m_tiles = (2 * threads).div_ceil(n_tiles).max(1);
-    let tm = rows.div_ceil(want_m_tiles).max(MIN_TILE_M).min(rows);
     let m_tiles = rows.div_ceil(tm);
+    let min_len = split.map_or(1, |s| Split::min_len(s.threads, n_tiles * m_tiles));
     let dst = OutPtr(out.as_mut_ptr());
     (0..n_tiles * m_tiles)
         .into_par_iter()
+        .with_min_len(min_len)
         .for_each_init(Vec::<f32>::new, |scratch, t| {
             let (jt, it) = (t / m_tiles, t % m_tiles);
             let (j0, j1) = (jt * tn, ((jt + 1) * tn).min(n));
@@ -403,6 +463,55 @@ mod tests {
                 let mut got = vec![f32::NAN; rows * k];
                 linear_transposed(&dy, rows, &w, &mut got);
                 assert_close(&got, &want, &scale, &format!("{} {rows}x{n}x{k}", w.format()));
+            }
+        }
+    }
+
+    /// A planned split computes the same products: a matvec the same bits for any block
+    /// and thread count, a GEMM within rounding of the default tiles, for dense and packed
+    /// weights.
+    #[test]
+    fn any_split_gives_the_same_products() {
+        let splits = [
+            (1, 1, 1),
+            (4, 64, 1),
+            (7, 5, 2),
+            (44, 64, 2),
+            (300, 200, 3),
+            (12, 16, 8),
+        ];
+        for &(rows, n, k) in &[(1, 61, 40), (3, 130, 72), (9, 61, 40), (70, 130, 72)] {
+            let x = values(rows * k, 11);
+            let mut weights: Vec<WeightData> = packed_weights(n, k)
+                .into_iter()
+                .map(|p| WeightData::Packed(Arc::new(p)))
+                .collect();
+            let t = Tensor::from_f32(vec![n, k], values(n * k, 13)).unwrap();
+            weights.push(WeightData::Dense(t.convert(DType::F16).unwrap()));
+            weights.push(WeightData::Dense(t));
+            for w in &weights {
+                let mut want = vec![f32::NAN; rows * n];
+                linear(&x, rows, w, &mut want);
+                for &(weight_rows, token_rows, threads) in &splits {
+                    let split = Split {
+                        weight_rows,
+                        token_rows,
+                        threads,
+                    };
+                    let mut got = vec![f32::NAN; rows * n];
+                    linear_split(&x, rows, w, &mut got, Some(split));
+                    let what = format!("{} {rows}x{n}x{k} {split:?}", w.format());
+                    if rows <= MATVEC_MAX_ROWS {
+                        assert!(
+                            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}"
+                        );
+                    } else {
+                        for (a, b) in got.iter().zip(&want) {
+                            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: {a} vs {b}");
+                        }
+                    }
+                }
             }
         }
     }

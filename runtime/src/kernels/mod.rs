@@ -7,4 +7,4 @@ pub mod dot;
 pub mod linear;
 pub mod matmul;
 
-pub use linear::{linear, linear_transposed};
+pub use linear::{Split, linear, linear_split, linear_transposed};

@@ -30,7 +30,7 @@ pub struct AttnShape {
 
 /// Appends `k`, `v` (`rows` new positions starting at `start`) to the cache and computes
 /// causal attention of the new queries `q` over positions `0..start + rows`.
-/// `out` is `[rows, heads * head_dim]`.
+/// `out` is `[rows, heads * head_dim]`. Heads run in parallel on the rayon pool.
 pub fn attention(
     shape: AttnShape,
     q: &[f32],
@@ -39,6 +39,23 @@ pub fn attention(
     cache: &mut KvSlot,
     start: usize,
     out: &mut [f32],
+) {
+    attention_threads(shape, q, k, v, cache, start, out, None)
+}
+
+/// [`attention`] with the heads spread over at most `threads` parallel tasks (a
+/// schedule's thread split; `None`: one task a head). Each head computes the same values
+/// however the heads are grouped.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_threads(
+    shape: AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    cache: &mut KvSlot,
+    start: usize,
+    out: &mut [f32],
+    threads: Option<usize>,
 ) {
     let AttnShape {
         heads,
@@ -53,11 +70,13 @@ pub fn attention(
     let (kc, vc) = (&cache.k[..total * kvw], &cache.v[..total * kvw]);
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    let min_len = threads.map_or(1, |t| heads.div_ceil(t.max(1)).max(1));
 
     if rows == 1 {
         // Decode: one query row; heads in parallel.
         let per_head: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
+            .with_min_len(min_len)
             .map(|h| {
                 let g = h / group;
                 let qh = &q[h * hd..(h + 1) * hd];
@@ -84,6 +103,7 @@ pub fn attention(
     // Prefill: per head, scores = Q K^T (gemm), causal softmax, then P V (gemm).
     let per_head: Vec<Vec<f32>> = (0..heads)
         .into_par_iter()
+        .with_min_len(min_len)
         .map(|h| {
             let g = h / group;
             let mut s = vec![0.0f32; rows * total];
@@ -202,6 +222,39 @@ mod tests {
             );
             for (a, b) in o.iter().zip(&full[r * qw..(r + 1) * qw]) {
                 assert!((a - b).abs() < 1e-5, "row {r}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// Any thread split gives the same bits, for prefill and decode.
+    #[test]
+    fn thread_split_changes_no_value() {
+        let shape = AttnShape {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let (qw, kvw) = (48, 16);
+        let f = |i: usize, m: usize| ((i * m % 61) as f32 - 30.0) / 17.0;
+        for (start, n) in [(0, 5), (5, 1)] {
+            let run = |threads: Option<usize>| {
+                let mut c = KvSlot::new(8, kvw);
+                let pre: Vec<f32> = (0..start * kvw).map(|i| f(i, 3)).collect();
+                c.k[..pre.len()].copy_from_slice(&pre);
+                c.v[..pre.len()].copy_from_slice(&pre);
+                let q: Vec<f32> = (0..n * qw).map(|i| f(i, 7)).collect();
+                let k: Vec<f32> = (0..n * kvw).map(|i| f(i, 11)).collect();
+                let mut o = vec![f32::NAN; n * qw];
+                attention_threads(shape, &q, &k, &k, &mut c, start, &mut o, threads);
+                o
+            };
+            let want = run(None);
+            for t in [1, 2, 4, 6, 9] {
+                let got = run(Some(t));
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{t} threads, {n} rows after {start}"
+                );
             }
         }
     }
