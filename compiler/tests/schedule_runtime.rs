@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -81,6 +82,15 @@ fn assert_bit_identical(a: &[Vec<f32>], b: &[Vec<f32>]) {
     }
 }
 
+fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>]) {
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (p, q) in x.iter().zip(y) {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
+        }
+    }
+}
+
 #[test]
 fn following_the_arena_gives_bit_identical_logits() {
     let (g, plan) = planned();
@@ -95,11 +105,7 @@ fn following_the_arena_gives_bit_identical_logits() {
     assert_bit_identical(&steps(&free), &steps(&arena));
     // Following everything (tiles and threads too) gives the same numbers within rounding.
     let all = Executor::new(g).unwrap().with_plan(&plan, Follow::ALL).unwrap();
-    for (x, y) in steps(&free).iter().zip(steps(&all)) {
-        for (p, q) in x.iter().zip(&y) {
-            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
-        }
-    }
+    assert_close(&steps(&free), &steps(&all));
 }
 
 /// Pairs of values live at the same step whose byte ranges in the executor's arena overlap.
@@ -233,19 +239,7 @@ fn a_plan_unlike_the_graph_is_refused_naming_the_node() {
 fn a_bundle_with_a_plan_runs_it_and_checks_it_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("b.edgeb");
-    let fixture = common::tiny_llama();
-    let o = Command::new(env!("CARGO_BIN_EXE_edgec"))
-        .args([
-            "build",
-            "--model",
-            fixture.to_str().unwrap(),
-            "--target",
-            "host",
-            "--unsigned",
-        ])
-        .args(["--ctx", &CTX.to_string(), "-o", out.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let o = build(&out, &CTX.to_string(), &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let trust = TrustPolicy::from_key_files(&[], true).unwrap();
     let b = Bundle::open(&out, &trust).unwrap();
@@ -263,10 +257,99 @@ fn a_bundle_with_a_plan_runs_it_and_checks_it_on_open() {
         )
         .unwrap();
     assert_eq!(free.arena_bytes(), 0);
-    let (a, f) = (steps(&followed), steps(&free));
-    for (x, y) in f.iter().zip(&a) {
-        for (p, q) in x.iter().zip(y) {
-            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
-        }
+    assert_close(&steps(&free), &steps(&followed));
+}
+
+/// `edgec build` of the fixture for the host at context `ctx`.
+fn build(out: &Path, ctx: &str, extra: &[&str]) -> std::process::Output {
+    let fixture = common::tiny_llama();
+    Command::new(env!("CARGO_BIN_EXE_edgec"))
+        .args([
+            "build",
+            "--model",
+            fixture.to_str().unwrap(),
+            "--target",
+            "host",
+            "--unsigned",
+        ])
+        .args([
+            "--ctx",
+            ctx,
+            "--runtime-memory",
+            "24MiB",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The decision a built bundle carries, and the one the device's Tune path takes from it.
+fn decision(path: &Path) -> (bool, bool) {
+    let trust = TrustPolicy::from_key_files(&[], true).unwrap();
+    let model = edge_runtime::service::model::Model::load(path, "test", &trust).unwrap();
+    let req = edge_proto::runtime::TuneRequest {
+        steps: 1,
+        lora_rank: 2,
+        seq_len: 16,
+        stride: 1,
+        ..Default::default()
+    };
+    let spec = edge_runtime::service::tuning::job_spec(&req, &model).unwrap();
+    let d = model.bundle.recompute().expect("a tuning decision in the bundle");
+    assert_eq!((d.first, d.exit, d.seq), (0, 1, 64));
+    (d.recompute, spec.tune.recompute)
+}
+
+#[test]
+fn build_train_puts_keep_or_recompute_in_the_bundle_and_tuning_follows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // What the plan needs, from the library with the options the builds below use.
+    let mut o = Options::for_context(2);
+    o.runtime_bytes = 24 << 20;
+    o.train = Some((0..=1, 64));
+    let (g, plan) = schedule::schedule(fixture_graph(), &host(), &o).unwrap();
+    let r = plan.recompute.clone().unwrap();
+    let base = g.weight_bytes() as u64 + o.runtime_bytes;
+    assert!(
+        r.recompute_peak_bytes > plan.memory.fixed() - o.runtime_bytes,
+        "the tuning activations dominate the fixed buffers at --ctx 2"
+    );
+    let train = ["--train", "0:1", "--seq", "64"];
+    fn with<'a>(train: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [train, extra].concat()
     }
+    let path = dir.path().join("b.edgeb");
+    // Room for everything: auto keeps; forced recompute recomputes.
+    let ok = build(&path, "2", &with(&train, &[]));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(decision(&path), (false, false));
+    let ok = build(&path, "2", &with(&train, &["--recompute", "recompute"]));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(decision(&path), (true, true));
+    // Between the two: auto recomputes, forced keep fails by how much.
+    let between = base + (r.keep_peak_bytes + r.recompute_peak_bytes) / 2;
+    let b = between.to_string();
+    let ok = build(&path, "2", &with(&train, &["--memory-budget", &b]));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(decision(&path), (true, true));
+    let fail = build(
+        &path,
+        "2",
+        &with(&train, &["--memory-budget", &b, "--recompute", "keep"]),
+    );
+    let e = String::from_utf8_lossy(&fail.stderr);
+    let over = r.keep_peak_bytes + base - between;
+    assert!(
+        !fail.status.success() && e.contains(&format!("over by {over} bytes")),
+        "{e}"
+    );
+    // Below the recomputing step: neither fits, by exactly one byte.
+    let b = (base + r.recompute_peak_bytes - 1).to_string();
+    let fail = build(&path, "2", &with(&train, &["--memory-budget", &b]));
+    let e = String::from_utf8_lossy(&fail.stderr);
+    assert!(!fail.status.success() && e.contains("over by 1 bytes"), "{e}");
+    let bad = build(&path, "2", &["--train", "1:0"]);
+    assert!(!bad.status.success());
 }

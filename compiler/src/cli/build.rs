@@ -43,9 +43,18 @@ pub struct BuildArgs {
     /// Calibration samples.
     #[arg(long, default_value_t = 32)]
     samples: usize,
-    /// Tokens per calibration sample.
+    /// Tokens per calibration sample, and per tuning sample of --train.
     #[arg(long, default_value_t = 512)]
     seq: usize,
+    /// Plan keep vs recompute for the tuning window `A:B` (layers A..=B, loss at exit B)
+    /// on samples of --seq tokens; the decision goes into the bundle's schedule and the
+    /// device's tuning of the bundle follows it. Neither fitting is an error.
+    #[arg(long, value_name = "A:B")]
+    train: Option<String>,
+    /// With --train: keep the window's activations or recompute each layer's before its
+    /// backward; `auto` keeps when they fit the budget.
+    #[arg(long, requires = "train", value_name = "auto|keep|recompute")]
+    recompute: Option<schedule::recompute::Mode>,
     /// Target device(s): a name or a .toml path; repeatable.
     #[arg(long = "target", required = true)]
     targets: Vec<String>,
@@ -207,6 +216,18 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
     if let Some(r) = a.runtime_memory {
         opts.runtime_bytes = r;
     }
+    if let Some(w) = &a.train {
+        let (first, exit) = w
+            .split_once(':')
+            .and_then(|(s, e)| Some((s.trim().parse().ok()?, e.trim().parse().ok()?)))
+            .ok_or_else(|| anyhow::anyhow!("--train takes A:B, two layer numbers (got `{w}`)"))?;
+        anyhow::ensure!(
+            first <= exit && exit < n_layers,
+            "--train {w}: the window must be layers A..=B within 0..{n_layers}"
+        );
+        opts.train = Some((first..=exit, a.seq));
+        opts.recompute = a.recompute.unwrap_or_default();
+    }
     let mut graph = graph;
     for t in &targets {
         let (g, plan) = schedule::schedule(graph, t, &opts)?;
@@ -273,6 +294,7 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
             "kernels": contents.kernels.len(),
             "runs_on_this_machine": t.runs_here(),
             "streamed_build": streamed.is_some(),
+            "recompute": plan.recompute.as_ref().map(|r| r.recompute),
         }));
         if !a.json {
             println!(
@@ -288,6 +310,18 @@ pub fn run(a: BuildArgs) -> anyhow::Result<()> {
                 t.arch,
                 if written.signed { "" } else { "  UNSIGNED" }
             );
+            if let Some(r) = &plan.recompute {
+                println!(
+                    "  tuning window {}..={} on {} tokens: {} (keep {}, recompute {}, {} available)",
+                    r.first,
+                    r.exit,
+                    r.seq,
+                    if r.recompute { "recompute" } else { "keep" },
+                    schedule::mib(r.keep_peak_bytes),
+                    schedule::mib(r.recompute_peak_bytes),
+                    schedule::mib(r.available_bytes)
+                );
+            }
         }
     }
     if a.json {

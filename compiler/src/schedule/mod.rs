@@ -56,6 +56,8 @@ pub struct Options {
     pub runtime_bytes: u64,
     /// A tuning window `first..=exit` and its sample length, to plan keep vs recompute.
     pub train: Option<(RangeInclusive<usize>, usize)>,
+    /// Keep vs recompute: decided by the budget (auto) or forced.
+    pub recompute: recompute::Mode,
 }
 
 impl Options {
@@ -74,6 +76,7 @@ impl Options {
             context,
             runtime_bytes: DEFAULT_RUNTIME_BYTES,
             train: None,
+            recompute: recompute::Mode::Auto,
         }
     }
 }
@@ -256,15 +259,21 @@ pub fn schedule(graph: Graph, target: &Target, o: &Options) -> Result<(Graph, Sc
         Some((layers, seq)) => {
             let available =
                 budget.saturating_sub(memory.weights_resident + memory.stream_window + memory.runtime);
-            match recompute::plan(g, layers.clone(), *seq, available, &m)? {
+            match recompute::plan_with(g, layers.clone(), *seq, available, &m, o.recompute)? {
                 Ok(p) => Some(p),
                 Err(e) => {
+                    let what = match o.recompute {
+                        recompute::Mode::Keep => "keeping",
+                        _ => "even recomputing",
+                    };
                     return Err(ScheduleError::OverBudget {
                         target: target.name.clone(),
                         need: e.need + budget - available,
                         budget,
                         detail: format!(
-                            ", and recomputing the tuning window's activations ({} of them with recompute on {} tokens)",
+                            ", {what} the tuning window {}..={}'s activations ({} of them on {} tokens)",
+                            layers.start(),
+                            layers.end(),
                             mib(e.need),
                             seq
                         ),

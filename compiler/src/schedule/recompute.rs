@@ -5,7 +5,8 @@
 //! layer's forward is re-run just before its backward: activation memory of about one
 //! layer instead of the whole window, for one more forward of the window. The plan keeps
 //! when the kept activations fit what the budget leaves after the weights, and recomputes
-//! otherwise; it fails when neither fits.
+//! otherwise; it fails when neither fits. [`Mode`] forces either choice (`edgec build
+//! --recompute keep|recompute`), failing when the forced one does not fit.
 
 use std::ops::RangeInclusive;
 
@@ -15,6 +16,29 @@ use serde::{Deserialize, Serialize};
 
 use super::cost::{Machine, Workload, op_cost, value_rows};
 use super::residency::OverBudget;
+
+/// How the decision is made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Keep when the kept activations fit, else recompute.
+    #[default]
+    Auto,
+    Keep,
+    Recompute,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "keep" => Ok(Mode::Keep),
+            "recompute" => Ok(Mode::Recompute),
+            _ => Err(format!("`{s}` is not one of auto, keep, recompute")),
+        }
+    }
+}
 
 /// The decision for one tuning window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,15 +85,28 @@ fn peak_live(tg: &TrainGraph, seq: usize) -> u64 {
     peak
 }
 
-/// Plans the window `layers` (loss at its last layer) on samples of `seq` tokens with
-/// `available` bytes for activations. LoRA rank 8 on every projection, as `edgec tune`'s
-/// default, shapes the graph (the rank does not change the activations much).
+/// [`plan_with`] in [`Mode::Auto`].
 pub fn plan(
     g: &Graph,
     layers: RangeInclusive<usize>,
     seq: usize,
     available: u64,
     m: &Machine,
+) -> anyhow::Result<Result<RecomputePlan, OverBudget>> {
+    plan_with(g, layers, seq, available, m, Mode::Auto)
+}
+
+/// Plans the window `layers` (loss at its last layer) on samples of `seq` tokens with
+/// `available` bytes for activations, in `mode`. LoRA rank 8 on every projection, as
+/// `edgec tune`'s default, shapes the graph (the rank does not change the activations
+/// much). The error says what the chosen (or, in auto, the smaller) mode needs.
+pub fn plan_with(
+    g: &Graph,
+    layers: RangeInclusive<usize>,
+    seq: usize,
+    available: u64,
+    m: &Machine,
+    mode: Mode,
 ) -> anyhow::Result<Result<RecomputePlan, OverBudget>> {
     let c = &g.config;
     let (first, exit) = (*layers.start(), *layers.end());
@@ -99,7 +136,11 @@ pub fn plan(
         first,
         exit,
         seq,
-        recompute: keep_peak > available,
+        recompute: match mode {
+            Mode::Auto => keep_peak > available,
+            Mode::Keep => false,
+            Mode::Recompute => true,
+        },
         keep_peak_bytes: keep_peak,
         recompute_peak_bytes: rec_peak,
         kept_values: keep.saved_values().len(),
@@ -107,9 +148,10 @@ pub fn plan(
         recompute_seconds: seconds,
         available_bytes: available,
     };
-    if rec_peak > available {
+    let need = if plan.recompute { rec_peak } else { keep_peak };
+    if need > available {
         return Ok(Err(OverBudget {
-            need: rec_peak,
+            need,
             budget: available,
         }));
     }

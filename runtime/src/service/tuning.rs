@@ -99,7 +99,9 @@ pub fn job_spec(req: &pb::TuneRequest, model: &Model) -> Result<JobSpec, Status>
                 req.checkpoint_every as usize
             },
             max_samples: None,
-            recompute: false,
+            // The bundle's plan (`edgec build --train`) decided keep vs recompute for the
+            // device's budget; the request has no field to override it.
+            recompute: model.bundle.recompute().is_some_and(|d| d.recompute),
             exit_lr: Some(0.1),
         },
         rank: req.lora_rank as usize,
