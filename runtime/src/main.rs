@@ -114,12 +114,23 @@ struct BundleArgs {
     /// the runtime's plain Rust kernels.
     #[arg(long, value_enum, default_value_t = Kernels::Jit)]
     kernels: Kernels,
+    /// What of the bundle's schedule to follow: `all` (streamed weights, the arena and node
+    /// order, the tiles and threads) or `residency` (streamed weights only; every value
+    /// allocated, the kernels' default tiles), for comparison.
+    #[arg(long, value_enum, default_value_t = FollowPlan::All)]
+    follow: FollowPlan,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Kernels {
     Jit,
     Reference,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FollowPlan {
+    All,
+    Residency,
 }
 
 impl BundleArgs {
@@ -138,7 +149,11 @@ impl BundleArgs {
     /// The executor for the bundle's graph with the chosen kernels, and how many kernels
     /// were JIT-compiled.
     fn executor(&self, b: &Bundle) -> anyhow::Result<(Executor, usize)> {
-        b.executor(self.kernels == Kernels::Jit).with_context(|| {
+        let follow = edge_runtime::exec::Follow {
+            memory: self.follow == FollowPlan::All,
+            kernels: self.follow == FollowPlan::All,
+        };
+        b.executor_following(self.kernels == Kernels::Jit, follow).with_context(|| {
             format!(
                 "{}: preparing its executor (kernels, schedule)",
                 b.path().display()
