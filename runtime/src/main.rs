@@ -153,12 +153,13 @@ impl BundleArgs {
             memory: self.follow == FollowPlan::All,
             kernels: self.follow == FollowPlan::All,
         };
-        b.executor_following(self.kernels == Kernels::Jit, follow).with_context(|| {
-            format!(
-                "{}: preparing its executor (kernels, schedule)",
-                b.path().display()
-            )
-        })
+        b.executor_following(self.kernels == Kernels::Jit, follow)
+            .with_context(|| {
+                format!(
+                    "{}: preparing its executor (kernels, schedule)",
+                    b.path().display()
+                )
+            })
     }
 }
 
