@@ -6,11 +6,15 @@
 #  2. memory: `edgec build --memory-budget $BUDGET --ctx $CTX` (the plan streams weights) and
 #     a bundle without a budget; peak RSS (/usr/bin/time -v) of `edge-runtime eval` (ctx
 #     $CTX on the first 20 kB of data/austen/valid.txt) and `edge-runtime generate` (32
-#     tokens) on both, with the loss (it must not change) and decode speed.
-# Results go to $OUT (JSON and logs) and a summary to stdout.
+#     tokens) on both, with the loss (it must not change) and decode speed. The runtime
+#     follows each bundle's whole plan (streamed weights, arena and order, tiles and
+#     threads); the budgeted bundle also runs with `--follow residency` (streamed weights
+#     only, every value allocated, the kernels' default tiles) for comparison.
+# Results go to $OUT (JSON and logs) and a summary to stdout; the bundles are deleted at
+# the end (KEEP_BUNDLES=1 keeps them). COST=0 skips part 1.
 #
 #   scripts/bench-schedule.sh        # MODEL=~/.cache/edge-llm/models/SmolLM2-135M-Instruct.F16.gguf
-#                                    # BUDGET=150MB CTX=128 REPS=9 OUT=target/bench-schedule
+#                                    # BUDGET=150MB CTX=128 REPS=9 OUT=target/bench-schedule COST=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-$HOME/.cache/edge-llm/models/SmolLM2-135M-Instruct.F16.gguf}
@@ -18,6 +22,7 @@ BUDGET=${BUDGET:-150MB}
 CTX=${CTX:-128}
 REPS=${REPS:-9}
 OUT=${OUT:-target/bench-schedule}
+COST=${COST:-1}
 if [ ! -f "$MODEL" ]; then
   echo "bench-schedule: $MODEL is missing; set MODEL to SmolLM2-135M-Instruct's F16 GGUF" >&2
   echo "  (llama.cpp: convert_hf_to_gguf.py --outtype f16 on HuggingFaceTB/SmolLM2-135M-Instruct)" >&2
@@ -29,8 +34,8 @@ EDGEC=target/release/edgec
 RT=target/release/edge-runtime
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 
-echo "== cost model vs this machine (target host) =="
-for w in "decode:--rows 1 --past 511" "prefill:--rows 128 --past 0"; do
+[ "$COST" = 1 ] && echo "== cost model vs this machine (target host) =="
+[ "$COST" = 1 ] && for w in "decode:--rows 1 --past 511" "prefill:--rows 128 --past 0"; do
   name=${w%%:*}
   # shellcheck disable=SC2086
   "$EDGEC" inspect "$MODEL" --schedule --target host --ctx 512 ${w#*:} --measure --reps "$REPS" --json \
@@ -53,24 +58,31 @@ head -c 20000 data/austen/valid.txt >"$OUT/eval.txt"
 "$EDGEC" build -m "$MODEL" --target host --unsigned --ctx "$CTX" -o "$OUT/full.edgeb" --json >"$OUT/build-full.json"
 "$EDGEC" build -m "$MODEL" --target host --unsigned --ctx "$CTX" --memory-budget "$BUDGET" -o "$OUT/budget.edgeb" \
   --json >"$OUT/build-budget.json"
-for b in full budget; do
-  /usr/bin/time -v "$RT" eval --bundle "$OUT/$b.edgeb" --allow-unsigned --text "$OUT/eval.txt" --ctx "$CTX" --json \
-    >"$OUT/eval-$b.json" 2>"$OUT/eval-$b.time"
-  /usr/bin/time -v "$RT" generate --bundle "$OUT/$b.edgeb" --allow-unsigned --prompt "The capital of France is" \
-    -n 32 --ignore-eos --json >"$OUT/gen-$b.json" 2>"$OUT/gen-$b.time"
+for run in full:all budget:all budget:residency; do
+  b=${run%%:*} follow=${run#*:} tag=${run/:/-}
+  /usr/bin/time -v "$RT" eval --bundle "$OUT/$b.edgeb" --allow-unsigned --follow "$follow" --text "$OUT/eval.txt" \
+    --ctx "$CTX" --json >"$OUT/eval-$tag.json" 2>"$OUT/eval-$tag.time"
+  /usr/bin/time -v "$RT" generate --bundle "$OUT/$b.edgeb" --allow-unsigned --follow "$follow" \
+    --prompt "The capital of France is" -n 32 --ignore-eos --json >"$OUT/gen-$tag.json" 2>"$OUT/gen-$tag.time"
 done
+[ "${KEEP_BUNDLES:-0}" = 1 ] || rm -f "$OUT/full.edgeb" "$OUT/budget.edgeb"
 python3 - "$OUT" <<'PY'
 import json, re, sys
 out = sys.argv[1]
 def rss(f):
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f).read()).group(1)) * 1024
-print(f"  {'bundle':<8}{'budget MB':>10}{'plan MB':>9}{'streamed':>9}{'eval RSS MB':>12}{'loss':>10}"
-      f"{'gen RSS MB':>11}{'tok/s':>7}")
-for b in ["full", "budget"]:
+def wall(f):
+    m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", open(f).read())
+    return int(m.group(1) or 0) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+print(f"  {'bundle':<8}{'follows':<10}{'budget MB':>10}{'plan MB':>9}{'streamed':>9}{'eval RSS MB':>12}{'eval s':>8}"
+      f"{'loss':>10}{'gen RSS MB':>11}{'tok/s':>7}")
+for b, follow in [("full", "all"), ("budget", "all"), ("budget", "residency")]:
+    tag = f"{b}-{follow}"
     bu = json.load(open(f"{out}/build-{b}.json"))["bundles"][0]
-    ev = json.load(open(f"{out}/eval-{b}.json"))
-    ge = json.load(open(f"{out}/gen-{b}.json"))
+    ev = json.load(open(f"{out}/eval-{tag}.json"))
+    ge = json.load(open(f"{out}/gen-{tag}.json"))
     tps = ge.get("decode_tokens_per_s", float("nan"))
-    print(f"  {b:<8}{bu['budget_bytes']/1e6:>10.1f}{bu['planned_bytes']/1e6:>9.1f}{bu['streamed_weights']:>9}"
-          f"{rss(f'{out}/eval-{b}.time')/1e6:>12.1f}{ev['loss']:>10.5f}{rss(f'{out}/gen-{b}.time')/1e6:>11.1f}{tps:>7.1f}")
+    print(f"  {b:<8}{follow:<10}{bu['budget_bytes']/1e6:>10.1f}{bu['planned_bytes']/1e6:>9.1f}{bu['streamed_weights']:>9}"
+          f"{rss(f'{out}/eval-{tag}.time')/1e6:>12.1f}{wall(f'{out}/eval-{tag}.time'):>8.1f}{ev['loss']:>10.5f}"
+          f"{rss(f'{out}/gen-{tag}.time')/1e6:>11.1f}{tps:>7.1f}")
 PY
