@@ -165,8 +165,8 @@ fn compressed_bundle_gives_the_loss_of_the_compressed_model() {
         "bundle {got} vs compressed model {want}"
     );
 
-    // The kernel table: the 4-bit layers' kernels (2:4 layers have none yet), matched to
-    // their weights; through the JIT the bundle computes what the compiler's JIT path does.
+    // The kernel table: the 4-bit and the 2:4 layers' kernels, matched to their weights;
+    // through the JIT the bundle computes what the compiler's JIT path does.
     let sources = b.kernel_sources();
     assert!(!b.kernels().is_empty() && !sources.is_empty());
     assert!(
@@ -176,7 +176,7 @@ fn compressed_bundle_gives_the_loss_of_the_compressed_model() {
     assert!(
         sources
             .iter()
-            .all(|s| !s.weight.contains("layers.1.") && !s.weight.contains("layers.3."))
+            .any(|s| s.weight.contains("layers.1.") && s.spec.pattern().is_some())
     );
     let set = edge_runtime::jit::KernelSet::compile(&sources).unwrap();
     let jit = Executor::with_kernels(b.graph_arc(), Arc::new(set)).unwrap();

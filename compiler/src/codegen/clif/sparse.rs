@@ -31,8 +31,9 @@ use super::{Gen, mem};
 enum Sink {
     /// Store it at the row's output (`row` pointer).
     Store(Value),
-    /// Add its product with `x` to the accumulator variable.
-    Dot { x: Value, acc: Variable },
+    /// Add its product with `x` to the accumulator variable of its half of the step
+    /// (two chains of additions, not one).
+    Dot { x: Value, acc: [Variable; 2] },
 }
 
 /// The buffers every sparse kernel reads.
@@ -223,7 +224,16 @@ impl Gen<'_> {
 
     /// Expands one 8-column step (`c8`) with keep mask `m8`: the values at `v_src` (a byte
     /// pointer, advanced past the values used) go to the kept lanes of two `f32x4`.
-    fn expand8(&mut self, table: Value, m8: Value, c8: Value, v_src: Variable, sink: Sink) {
+    /// For 2:4 each half of a step keeps exactly two values, so no popcount is needed.
+    fn expand8(
+        &mut self,
+        pattern: SparsePattern,
+        table: Value,
+        m8: Value,
+        c8: Value,
+        v_src: Variable,
+        sink: Sink,
+    ) {
         let lo = self.b.ins().band_imm_s(m8, 15);
         let hi = self.b.ins().ushr_imm_s(m8, 4);
         for (half, nib) in [lo, hi].into_iter().enumerate() {
@@ -243,13 +253,17 @@ impl Gen<'_> {
                     let at = self.offset(x, c8, 32);
                     let xv = self.b.ins().load(F32X4, mem(), at, off);
                     let p = self.b.ins().fmul(e, xv);
-                    let a = self.b.use_var(acc);
+                    let a = self.b.use_var(acc[half]);
                     let a = self.b.ins().fadd(a, p);
-                    self.b.def_var(acc, a);
+                    self.b.def_var(acc[half], a);
                 }
             }
-            let cnt = self.b.ins().popcnt(nib);
-            let src = self.offset(src, cnt, 4);
+            let src = if pattern == (SparsePattern::NofM { n: 2, m: 4 }) {
+                self.b.ins().iadd_imm_s(src, 8)
+            } else {
+                let cnt = self.b.ins().popcnt(nib);
+                self.offset(src, cnt, 4)
+            };
             self.b.def_var(v_src, src);
         }
     }
@@ -264,7 +278,7 @@ impl Gen<'_> {
         let v_c = self.var(I64, zero);
         self.while_lt(v_c, end, |g, c8| {
             let m8 = g.block_mask(pattern, prow, c8);
-            g.expand8(table, m8, c8, v_src, sink);
+            g.expand8(pattern, table, m8, c8, v_src, sink);
             let next = g.b.ins().iadd_imm_s(c8, 1);
             g.b.def_var(v_c, next);
         });
@@ -272,7 +286,7 @@ impl Gen<'_> {
         if tail > 0 {
             let m8 = self.block_mask(pattern, prow, end);
             let m8 = self.b.ins().band_imm_s(m8, (1 << tail) - 1);
-            self.expand8(table, m8, end, v_src, sink);
+            self.expand8(pattern, table, m8, end, v_src, sink);
         }
     }
 
@@ -330,7 +344,7 @@ impl Gen<'_> {
         let prb = self.pos_row_bytes(pattern) as i64;
         let v_r = self.var(I64, r0);
         let v_yp = self.var(I64, y);
-        let acc = self.b.declare_var(F32X4);
+        let acc = [self.b.declare_var(F32X4), self.b.declare_var(F32X4)];
         self.while_lt(v_r, r1, |g, r| {
             let (k0, k) = g.kept_range(a.kstart, r);
             g.decode_values(a, r, k0, k, scratch);
@@ -338,9 +352,11 @@ impl Gen<'_> {
             let v_src = g.var(I64, scratch);
             let z = g.fconst(0.0);
             let z = g.b.ins().splat(F32X4, z);
-            g.b.def_var(acc, z);
+            g.b.def_var(acc[0], z);
+            g.b.def_var(acc[1], z);
             g.expand_row(pattern, table, prow, v_src, Sink::Dot { x, acc });
-            let a = g.b.use_var(acc);
+            let (a0, a1) = (g.b.use_var(acc[0]), g.b.use_var(acc[1]));
+            let a = g.b.ins().fadd(a0, a1);
             let lanes: Vec<Value> = (0..4).map(|l| g.b.ins().extractlane(a, l)).collect();
             let s01 = g.b.ins().fadd(lanes[0], lanes[1]);
             let s23 = g.b.ins().fadd(lanes[2], lanes[3]);
