@@ -23,8 +23,9 @@
 //!      predicted error says is cheapest;
 //!    - from any other start, *trade*: move layer `l` one step up the grid (the next lower
 //!      sparsity of its bit-width; when dense, the next higher bit-width) and, when that
-//!      breaks the budget, move the one other layer whose predicted error grows least to a
-//!      candidate that restores it. The rest of the policy stays as measured.
+//!      breaks the budget, move the one other layer whose layer-output NMSE grows least to a
+//!      candidate that restores it (never a layer a kept trade protected, nor the payer of a
+//!      trade measured worse). The rest of the policy stays as measured.
 //! 3. Keep a move when the measured loss went down, otherwise drop it. Stop after the given
 //!    number of measurements after the starts'.
 //!
@@ -134,9 +135,16 @@ fn run_trial(
 
 /// The trade that moves layer `up` of `current` one step up the grid: the policy, or `None`
 /// when there is no step up, or no single other layer can pay for it within the budget.
-/// The payer is the layer and candidate (same group and scheme as its current one) whose
-/// predicted error grows least.
-pub fn trade(problem: &Problem, budget: &Budget, current: &[usize], up: usize) -> Option<Origin> {
+/// The payer is the layer (not `up`, not in `exclude`) and candidate (same group and scheme
+/// as its current one) whose layer-output NMSE in the profile grows least — the measure that
+/// orders the moves, so a layer is protected and charged by the same yardstick.
+pub fn trade(
+    problem: &Problem,
+    budget: &Budget,
+    current: &[usize],
+    up: usize,
+    exclude: &[usize],
+) -> Option<Origin> {
     let cu = step_up(problem, current[up])?;
     let mut moved = current.to_vec();
     moved[up] = cu;
@@ -148,13 +156,14 @@ pub fn trade(problem: &Problem, budget: &Budget, current: &[usize], up: usize) -
     }
     let cands = &problem.profile.candidates;
     let mut best: Option<(f64, usize, usize)> = None;
-    for d in (0..problem.layers()).filter(|&d| d != up) {
+    let nmse = |l: usize, c: usize| problem.profile.layers[l].nmse[c];
+    for d in (0..problem.layers()).filter(|&d| d != up && !exclude.contains(&d)) {
         let cd = current[d];
         for c in 0..problem.candidates() {
             if c == cd || cands[c].group != cands[cd].group || cands[c].scheme != cands[cd].scheme {
                 continue;
             }
-            let growth = problem.error(d, c) - problem.error(d, cd);
+            let growth = nmse(d, c) - nmse(d, cd);
             if best.is_some_and(|b| growth >= b.0) {
                 continue;
             }
@@ -210,6 +219,9 @@ pub fn refine(
     let starts_measured = log.len();
     let from_knapsack = start_name == Method::Optimal.name();
     let mut pins: Vec<(usize, usize)> = vec![];
+    // Trades: layers not asked to pay again (moved up by a kept trade, or the payer of a
+    // trade measured worse).
+    let mut tabu: Vec<usize> = vec![];
     let layer_nmse = |l: usize, c: usize| problem.profile.layers[l].nmse[c];
     let mut order: Vec<usize> = (0..problem.layers()).collect();
     order.sort_by(|&a, &b| layer_nmse(b, best.choice[b]).total_cmp(&layer_nmse(a, best.choice[a])));
@@ -229,7 +241,7 @@ pub fn refine(
             };
             (sol, Origin::Pins(tried))
         } else {
-            let Some(origin) = trade(problem, budget, &best.choice, l) else {
+            let Some(origin) = trade(problem, budget, &best.choice, l, &tabu) else {
                 continue;
             };
             let Origin::Trade { up, down } = origin else {
@@ -253,6 +265,11 @@ pub fn refine(
             &mut log,
         )?;
         measured += 1;
+        match &origin {
+            Origin::Trade { up, .. } if accepted => tabu.push(up.0),
+            Origin::Trade { down: Some(down), .. } => tabu.push(down.0),
+            _ => {}
+        }
         if accepted {
             best = sol;
             best_loss = loss;
