@@ -105,6 +105,20 @@ fn formats() -> Vec<WeightFormat> {
         let values = std::iter::once(ValueFormat::F16).chain(quants.iter().map(|&q| ValueFormat::Quant(q)));
         out.extend(values.map(|values| WeightFormat::Sparse { pattern, values }));
     }
+    // Other N:M patterns go through the general index reader: f16 and 4-bit values.
+    for (n, m) in [(1, 4), (3, 4), (3, 8), (7, 8)] {
+        let q4 = QuantSpec {
+            bits: 4,
+            group: 32,
+            scheme: QuantScheme::Asym,
+        };
+        for values in [ValueFormat::F16, ValueFormat::Quant(q4)] {
+            out.push(WeightFormat::Sparse {
+                pattern: SparsePattern::NofM { n, m },
+                values,
+            });
+        }
+    }
     out
 }
 

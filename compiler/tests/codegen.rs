@@ -185,11 +185,14 @@ proptest! {
     }
 }
 
-const PATTERNS: [SparsePattern; 3] = [
-    SparsePattern::Unstructured,
-    SparsePattern::NofM { n: 2, m: 4 },
-    SparsePattern::NofM { n: 4, m: 8 },
-];
+/// Every pattern with generated kernels: unstructured and `n:4`, `n:8` for every `n`.
+fn patterns() -> Vec<SparsePattern> {
+    let nofm = |m: u8| (1..=m).map(move |n| SparsePattern::NofM { n, m });
+    std::iter::once(SparsePattern::Unstructured)
+        .chain(nofm(4))
+        .chain(nofm(8))
+        .collect()
+}
 
 /// The keep mask of a `[n, k]` weight: N:M keeps the `n` largest magnitudes of each block;
 /// unstructured keeps a pseudo-random `density` of the values (whole rows may be empty or
@@ -240,7 +243,7 @@ proptest! {
     /// equal the reference kernels up to float order.
     #[test]
     fn sparse_jit_kernels_match_the_reference(
-        pattern in prop::sample::select(PATTERNS.to_vec()),
+        pattern in prop::sample::select(patterns()),
         v in value_format_strategy(),
         n in 1usize..40,
         blocks in 1usize..40,
@@ -285,9 +288,9 @@ fn every_spec(rows: usize, cols: usize) -> Vec<KernelSpec> {
         }
     }
     for v in values {
-        let mut formats: Vec<WeightFormat> = PATTERNS
-            .iter()
-            .map(|&pattern| WeightFormat::Sparse { pattern, values: v })
+        let mut formats: Vec<WeightFormat> = patterns()
+            .into_iter()
+            .map(|pattern| WeightFormat::Sparse { pattern, values: v })
             .collect();
         if let ValueFormat::Quant(q) = v {
             formats.push(WeightFormat::Quant(q));

@@ -29,7 +29,7 @@
 //!   out: f32 [(r1 - r0) * G * group]   row r at (r - r0) * G * group
 //! ```
 //!
-//! Sparse weights (unstructured, 2:4, 4:8; f16 or quantized kept values):
+//! Sparse weights (unstructured, `n:4`, `n:8`; f16 or quantized kept values):
 //!
 //! ```text
 //! matvec(x, vals, scales, mins, pos, kstart, gstart, scratch, y, r0, r1)
@@ -83,11 +83,10 @@ pub fn unsupported_reason(format: &WeightFormat) -> Option<String> {
         WeightFormat::Quant(_) => None,
         WeightFormat::Dense { .. } => Some("dense weights use the dense kernels".into()),
         WeightFormat::Sparse { pattern, .. } => match pattern {
-            SparsePattern::Unstructured
-            | SparsePattern::NofM { n: 2, m: 4 }
-            | SparsePattern::NofM { n: 4, m: 8 } => None,
+            SparsePattern::Unstructured => None,
+            SparsePattern::NofM { n, m } if (*m == 4 || *m == 8) && *n > 0 && n <= m => None,
             SparsePattern::NofM { .. } => Some(format!(
-                "{format}: generated sparse kernels cover unstructured, 2:4 and 4:8 patterns"
+                "{format}: generated sparse kernels cover unstructured and n:4, n:8 patterns"
             )),
         },
     }
@@ -298,6 +297,7 @@ mod tests {
             SparsePattern::Unstructured,
             SparsePattern::NofM { n: 2, m: 4 },
             SparsePattern::NofM { n: 4, m: 8 },
+            SparsePattern::NofM { n: 3, m: 8 },
         ];
         for v in formats {
             let mut fs: Vec<WeightFormat> = patterns
@@ -332,7 +332,9 @@ mod tests {
             "matvec_r1_c1_q4g32a_x",
             "matvec_r1_c8_su",
             "matvec_r1_c8_su_f32",
-            "matvec_r1_c8_s3x8_f16",
+            "matvec_r1_c8_s3x5_f16",
+            "matvec_r1_c8_s9x8_f16",
+            "matvec_r1_c8_s0x8_f16",
             "matvec_r1_c6_s2x4_f16",
             "matvec_r1_c8_sx_f16",
             "matvec_r1_c8_su_f16_x",

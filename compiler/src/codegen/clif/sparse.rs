@@ -1,4 +1,4 @@
-//! Kernels of sparse weights (unstructured bitmask, 2:4, 4:8; kept values f16 or
+//! Kernels of sparse weights (unstructured bitmask, `n:4`, `n:8`; kept values f16 or
 //! quantized), specialised on the shape, the pattern and the values' format.
 //!
 //! A row is handled in two steps:
@@ -218,13 +218,61 @@ impl Gen<'_> {
                     .collect();
                 self.bit_union(&p, 0)
             }
-            SparsePattern::NofM { n, m } => unreachable!("KernelSpec::new refuses {n}:{m}"),
+            SparsePattern::NofM { n, m } => self.nofm_block_mask(n as i64, m as i64, prow, c8),
+        }
+    }
+
+    /// The keep mask of step `c8` for any `n:m` with `m` 4 or 8: the step's `bits` index
+    /// bits (at bit `bits * c8`) assembled from the bytes they span, each byte address
+    /// clamped to the row's last index byte (a byte past the needed bits only adds bits
+    /// that are shifted out or masked off), then one `1 << p` per position.
+    fn nofm_block_mask(&mut self, n: i64, m: i64, prow: Value, c8: Value) -> Value {
+        let ib = SparsePattern::index_bits(m as u8) as i64;
+        let per_step = if m == 4 { 2 * n } else { n };
+        let bits = per_step * ib;
+        // The step's bits start at most `8 - gcd(bits, 8)` bits into their first byte.
+        let gcd = (bits & -bits).min(8);
+        let nbytes = (8 - gcd + bits + 7) / 8;
+        let last = self.pos_row_bytes(SparsePattern::NofM {
+            n: n as u8,
+            m: m as u8,
+        }) as i64
+            - 1;
+        let bitpos = self.b.ins().imul_imm_s(c8, bits);
+        let first = self.b.ins().ushr_imm_s(bitpos, 3);
+        let shift = self.b.ins().band_imm_s(bitpos, 7);
+        let lastc = self.b.ins().iconst(I64, last);
+        let mut v = None;
+        for i in 0..nbytes {
+            let at = self.b.ins().iadd_imm_s(first, i);
+            let at = self.b.ins().umin(at, lastc);
+            let at = self.b.ins().iadd(prow, at);
+            let byte = self.b.ins().uload8(I64, mem(), at, 0);
+            let byte = self.b.ins().ishl_imm_s(byte, 8 * i);
+            v = Some(match v {
+                None => byte,
+                Some(a) => self.b.ins().bor(a, byte),
+            });
+        }
+        let v = self.b.ins().ushr(v.expect("at least one byte"), shift);
+        let p: Vec<Value> = (0..per_step)
+            .map(|j| {
+                let s = self.b.ins().ushr_imm_s(v, ib * j);
+                self.b.ins().band_imm_s(s, (1 << ib) - 1)
+            })
+            .collect();
+        if m == 4 {
+            let lo = self.bit_union(&p[..n as usize], 0);
+            let hi = self.bit_union(&p[n as usize..], 4);
+            self.b.ins().bor(lo, hi)
+        } else {
+            self.bit_union(&p, 0)
         }
     }
 
     /// Expands one 8-column step (`c8`) with keep mask `m8`: the values at `v_src` (a byte
     /// pointer, advanced past the values used) go to the kept lanes of two `f32x4`.
-    /// For 2:4 each half of a step keeps exactly two values, so no popcount is needed.
+    /// For `n:4` each half of a step keeps exactly `n` values, so no popcount is needed.
     fn expand8(
         &mut self,
         pattern: SparsePattern,
@@ -258,8 +306,8 @@ impl Gen<'_> {
                     self.b.def_var(acc[half], a);
                 }
             }
-            let src = if pattern == (SparsePattern::NofM { n: 2, m: 4 }) {
-                self.b.ins().iadd_imm_s(src, 8)
+            let src = if let SparsePattern::NofM { n, m: 4 } = pattern {
+                self.b.ins().iadd_imm_s(src, 4 * n as i64)
             } else {
                 let cnt = self.b.ins().popcnt(nib);
                 self.offset(src, cnt, 4)
