@@ -67,10 +67,15 @@ impl Gen<'_> {
     /// The swizzle table on the stack: entry `nib` (16 bytes at `16 * nib`) moves the first
     /// `popcount(nib)` f32 of a vector to the lanes whose bit is set in `nib` and zeroes
     /// the other lanes (index `0x80` selects zero).
-    fn expand_table(&mut self) -> Value {
+    /// 2:4 adds a second table at byte 256: entry `nib` is indexed by the block's two
+    /// 2-bit positions `(nib & 3, nib >> 2)` themselves and puts the block's two values at
+    /// those lanes, so the loop needs no mask.
+    fn expand_table(&mut self, pattern: SparsePattern) -> Value {
+        let pairs = pattern == (SparsePattern::NofM { n: 2, m: 4 });
+        let size = if pairs { 512 } else { 256 };
         let ss = self
             .b
-            .create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 256, 4));
+            .create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4));
         for nib in 0..16usize {
             let mut bytes = vec![0x80u8; 16];
             let mut p = 0u8;
@@ -84,6 +89,16 @@ impl Gen<'_> {
             }
             let c = self.vconst(I8X16, bytes);
             self.b.ins().stack_store(I64, c, ss, 16 * nib as i32);
+            if pairs {
+                let mut bytes = vec![0x80u8; 16];
+                for (v, lane) in [nib & 3, nib >> 2].into_iter().enumerate() {
+                    for b in 0..4 {
+                        bytes[4 * lane + b] = 4 * v as u8 + b as u8;
+                    }
+                }
+                let c = self.vconst(I8X16, bytes);
+                self.b.ins().stack_store(I64, c, ss, 256 + 16 * nib as i32);
+            }
         }
         self.b.ins().stack_addr(I64, ss, 0)
     }
@@ -273,10 +288,14 @@ impl Gen<'_> {
     /// Expands one 8-column step (`c8`) with keep mask `m8`: the values at `v_src` (a byte
     /// pointer, advanced past the values used) go to the kept lanes of two `f32x4`.
     /// For `n:4` each half of a step keeps exactly `n` values, so no popcount is needed.
+    /// `m8` indexes the table at byte `base` (0: the keep-mask table; 256: the 2:4
+    /// position table, `m8` then being the step's index byte).
+    #[allow(clippy::too_many_arguments)]
     fn expand8(
         &mut self,
         pattern: SparsePattern,
         table: Value,
+        base: i32,
         m8: Value,
         c8: Value,
         v_src: Variable,
@@ -286,7 +305,7 @@ impl Gen<'_> {
         let hi = self.b.ins().ushr_imm_s(m8, 4);
         for (half, nib) in [lo, hi].into_iter().enumerate() {
             let at = self.offset(table, nib, 16);
-            let idx = self.b.ins().load(I8X16, mem(), at, 0);
+            let idx = self.b.ins().load(I8X16, mem(), at, base);
             let src = self.b.use_var(v_src);
             let v = self.b.ins().load(I8X16, mem(), src, 0);
             let e = self.b.ins().swizzle(v, idx);
@@ -325,8 +344,14 @@ impl Gen<'_> {
         let end = self.b.ins().iconst(I64, steps as i64);
         let v_c = self.var(I64, zero);
         self.while_lt(v_c, end, |g, c8| {
-            let m8 = g.block_mask(pattern, prow, c8);
-            g.expand8(pattern, table, m8, c8, v_src, sink);
+            if pattern == (SparsePattern::NofM { n: 2, m: 4 }) {
+                let at = g.b.ins().iadd(prow, c8);
+                let b = g.b.ins().uload8(I64, mem(), at, 0);
+                g.expand8(pattern, table, 256, b, c8, v_src, sink);
+            } else {
+                let m8 = g.block_mask(pattern, prow, c8);
+                g.expand8(pattern, table, 0, m8, c8, v_src, sink);
+            }
             let next = g.b.ins().iadd_imm_s(c8, 1);
             g.b.def_var(v_c, next);
         });
@@ -334,7 +359,7 @@ impl Gen<'_> {
         if tail > 0 {
             let m8 = self.block_mask(pattern, prow, end);
             let m8 = self.b.ins().band_imm_s(m8, (1 << tail) - 1);
-            self.expand8(pattern, table, m8, end, v_src, sink);
+            self.expand8(pattern, table, 0, m8, end, v_src, sink);
         }
     }
 
@@ -356,7 +381,7 @@ impl Gen<'_> {
         self.b.switch_to_block(entry);
         let p = self.b.block_params(entry).to_vec();
         let (a, out, r0, r1) = (Self::sparse_args(&p[..6]), p[6], p[7], p[8]);
-        let table = self.expand_table();
+        let table = self.expand_table(pattern);
         let prb = self.pos_row_bytes(pattern) as i64;
         let v_r = self.var(I64, r0);
         let v_op = self.var(I64, out);
@@ -388,7 +413,7 @@ impl Gen<'_> {
         let x = p[0];
         let a = Self::sparse_args(&p[1..7]);
         let (scratch, y, r0, r1) = (p[7], p[8], p[9], p[10]);
-        let table = self.expand_table();
+        let table = self.expand_table(pattern);
         let prb = self.pos_row_bytes(pattern) as i64;
         let v_r = self.var(I64, r0);
         let v_yp = self.var(I64, y);
