@@ -9,9 +9,11 @@
 //! - [`WeightKernels::linear`] / [`WeightKernels::linear_transposed`]: the safe typed
 //!   entry points (`y = x W^T`, `dx = dy W`); all `unsafe` of the JIT is in this file.
 //!
-//! Decode (one to three token rows) runs the integer matvec kernel on `x` quantized to
-//! int8 per weight group ([`QuantizedX`]); more rows decode tiles of weight rows with the
-//! decode kernel and multiply them with the GEMM crate.
+//! Decode (one to three token rows) runs the matvec kernel: for quantized weights the
+//! integer kernel on `x` quantized to int8 per weight group ([`QuantizedX`]), for sparse
+//! weights an f32 kernel (`x` zero-padded, a scratch row per task, the weight's per-row
+//! prefix sums of kept values and groups passed along). More rows decode tiles of weight
+//! rows with the decode kernel and multiply them with the GEMM crate.
 
 pub mod spec;
 
