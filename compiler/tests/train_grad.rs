@@ -159,7 +159,7 @@ fn gradients_through_packed_weights_equal_those_through_their_decoded_values() {
     assert!(n >= 20, "only {n} weights packed");
     let ids = &read_reference(&tiny_llama().join("reference.safetensors"))["input_ids"];
     let tokens: Vec<u32> = ids.1[..16].iter().map(|&x| x as u32).collect();
-    let grads = |g: &edge_runtime::ir::Graph| {
+    let grads = |g: &edge_runtime::ir::Graph, kernels: Option<&edge_runtime::jit::KernelSet>| {
         let lora = LoraConfig {
             rank: 4,
             alpha: 8.0,
@@ -175,20 +175,33 @@ fn gradients_through_packed_weights_equal_those_through_their_decoded_values() {
         let tg = TrainGraph::build(g, &p, WindowSpec::new(1..=2, 2, 4).unwrap()).unwrap();
         let mut gr = Grads::zeros(&p, &tg.updates);
         let loss = TrainRunner::new(g, &p)
+            .with_kernels(kernels)
             .step(&tg, &tokens, None, 1.0 / 15.0, &mut gr)
             .unwrap()
             .loss;
         (loss, gr, p)
     };
-    let (la, ga, p) = grads(&packed);
-    let (lb, gb, _) = grads(&decoded);
-    assert!((la - lb).abs() < 1e-5, "loss {la} vs {lb}");
-    assert!(!ga.tensors.is_empty());
-    for (id, a) in &ga.tensors {
-        let b = &gb.tensors[id];
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(d <= 1e-4 * scale, "{}: {d:e} (max {scale:e})", p.get(*id).name);
+    // The packed weights' products through the reference kernels and through the JIT
+    // kernels a bundle carries (frozen linears forward, `dy W` backward) against the
+    // dequantized dense weights.
+    let (sources, skipped) = edgec::codegen::kernel_sources(&packed);
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let set = edge_runtime::jit::KernelSet::compile(&sources).unwrap();
+    let (lb, gb, p) = grads(&decoded, None);
+    for (what, kernels) in [("reference", None), ("jit", Some(&set))] {
+        let (la, ga, _) = grads(&packed, kernels);
+        assert!((la - lb).abs() < 1e-5, "{what}: loss {la} vs {lb}");
+        assert!(!ga.tensors.is_empty());
+        for (id, a) in &ga.tensors {
+            let b = &gb.tensors[id];
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(
+                d <= 1e-4 * scale,
+                "{what} {}: {d:e} (max {scale:e})",
+                p.get(*id).name
+            );
+        }
     }
 }
 

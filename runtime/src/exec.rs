@@ -97,6 +97,12 @@ pub struct Executor {
 }
 
 impl Executor {
+    /// The JIT kernels this executor runs compressed weights with, if any (the tuning code
+    /// runs the same ones).
+    pub fn kernels(&self) -> Option<&Arc<crate::jit::KernelSet>> {
+        self.kernels.as_ref()
+    }
+
     pub fn new(graph: Arc<Graph>) -> Result<Self> {
         graph.verify()?;
         let order: Vec<usize> = (0..graph.nodes.len()).collect();

@@ -638,6 +638,25 @@ impl WeightKernels {
     }
 }
 
+/// `dx = dy W` (the product with the transposed weight, the backward pass's) through the
+/// weight's JIT kernels when `kernels` has them, else the reference kernels.
+pub fn linear_transposed(
+    kernels: Option<&KernelSet>,
+    name: &str,
+    dy: &[f32],
+    rows: usize,
+    w: &WeightData,
+    dx: &mut [f32],
+) -> Result<()> {
+    match kernels.and_then(|k| k.get(name)) {
+        Some(k) => k.linear_transposed(dy, rows, w, dx),
+        None => {
+            crate::kernels::linear_transposed(dy, rows, w, dx);
+            Ok(())
+        }
+    }
+}
+
 /// `y = x W^T` through the weight's JIT kernels when `kernels` has them, else the
 /// reference kernels.
 pub fn linear(

@@ -16,7 +16,7 @@ use tonic::Status;
 
 use super::model::Model;
 use super::store::hex;
-use crate::train::job::{JobEnd, JobSpec, run_job};
+use crate::train::job::{JobEnd, JobSpec, run_job_with_kernels};
 use crate::train::lora::Module;
 use crate::train::tune::{TuneConfig, TuneMode};
 
@@ -163,7 +163,9 @@ impl Jobs {
                     .encode(&text)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 let g = model.bundle.graph();
-                let end = run_job(g, &spec, tokens.clone(), &dir, &cancel, |p| {
+                // The bundle's JIT kernels run the frozen compressed weights, as in inference.
+                let kernels = model.executor.kernels().cloned();
+                let end = run_job_with_kernels(g, kernels, &spec, tokens.clone(), &dir, &cancel, |p| {
                     let msg = pb::TuneProgress {
                         job_id: id.clone(),
                         step: p.step as u32,

@@ -77,6 +77,19 @@ pub fn run_job(
     tokens: Vec<u32>,
     dir: &Path,
     cancel: &AtomicBool,
+    progress: impl FnMut(&JobProgress),
+) -> Result<JobEnd> {
+    run_job_with_kernels(graph, None, spec, tokens, dir, cancel, progress)
+}
+
+/// [`run_job`] with the compressed weights' products through JIT `kernels` (the bundle's).
+pub fn run_job_with_kernels(
+    graph: &Graph,
+    kernels: Option<std::sync::Arc<crate::jit::KernelSet>>,
+    spec: &JobSpec,
+    tokens: Vec<u32>,
+    dir: &Path,
+    cancel: &AtomicBool,
     mut progress: impl FnMut(&JobProgress),
 ) -> Result<JobEnd> {
     std::fs::create_dir_all(dir)?;
@@ -106,7 +119,7 @@ pub fn run_job(
         false,
         spec.tune.seed,
     )?;
-    let mut tuner = Tuner::new(graph, spec.tune.clone(), params, tokens)?;
+    let mut tuner = Tuner::new(graph, spec.tune.clone(), params, tokens)?.with_kernels(kernels);
     let ckdir = dir.join("checkpoints");
     let mut checkpoint_step = tuner.resume(&ckdir)?.unwrap_or(0);
     let every = if spec.tune.checkpoint_every == 0 {

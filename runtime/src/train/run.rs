@@ -9,7 +9,6 @@ use super::graph::{TNode, TOp, TVal, TrainGraph, WeightRef};
 use super::lora::{ParamId, Params};
 use crate::error::{Result, RuntimeError};
 use crate::ir::Graph;
-use crate::kernels::linear::linear;
 use crate::ops::attention::{AttnShape, KvSlot, attention};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::RopeTable;
@@ -186,6 +185,9 @@ fn take_or_copy(
 pub struct TrainRunner<'a> {
     pub graph: &'a Graph,
     pub params: &'a Params,
+    /// JIT kernels for the compressed weights (frozen linears forward and `dy W` backward);
+    /// weights without one run the reference kernels.
+    pub kernels: Option<&'a crate::jit::KernelSet>,
 }
 
 struct Ctx<'a> {
@@ -198,7 +200,17 @@ struct Ctx<'a> {
 
 impl<'a> TrainRunner<'a> {
     pub fn new(graph: &'a Graph, params: &'a Params) -> Self {
-        TrainRunner { graph, params }
+        TrainRunner {
+            graph,
+            params,
+            kernels: None,
+        }
+    }
+
+    /// Runs the compressed weights' products through `kernels` (see [`crate::jit`]).
+    pub fn with_kernels(mut self, kernels: Option<&'a crate::jit::KernelSet>) -> Self {
+        self.kernels = kernels;
+        self
     }
 
     /// The window input (the prefix's output) for `tokens`.
@@ -342,7 +354,8 @@ impl<'a> TrainRunner<'a> {
                 }
                 TOp::Linear { weight } => {
                     let mut o = pool.any(rows * width(node.outputs[0]));
-                    linear(get(0)?, rows, &g.weight(*weight).data, &mut o);
+                    let w = g.weight(*weight);
+                    crate::jit::linear(self.kernels, &w.name, get(0)?, rows, &w.data, &mut o)?;
                     vec![o]
                 }
                 TOp::LoraDown { a, rank } => vec![grad::lora_down(get(0)?, rows, &p.get(*a).data, *rank)],
@@ -436,9 +449,9 @@ impl<'a> TrainRunner<'a> {
                     dx.into_iter().collect()
                 }
                 TOp::LinearBack { weight } => {
-                    let w = &g.weight(*weight).data;
-                    let mut dx = pool.any(rows * w.shape()[1]);
-                    grad::linear_back(w, get(0)?, rows, &mut dx);
+                    let w = g.weight(*weight);
+                    let mut dx = pool.any(rows * w.data.shape()[1]);
+                    crate::jit::linear_transposed(self.kernels, &w.name, get(0)?, rows, &w.data, &mut dx)?;
                     vec![dx]
                 }
                 TOp::LoraUpBack { b, rank, scale } => {

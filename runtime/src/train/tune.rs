@@ -219,9 +219,17 @@ pub struct Tuner<'g> {
     cache: HashMap<usize, Vec<f32>>,
     cache_phase: Option<usize>,
     current: Option<(usize, TrainGraph)>,
+    kernels: Option<std::sync::Arc<crate::jit::KernelSet>>,
 }
 
 impl<'g> Tuner<'g> {
+    /// Runs the frozen compressed weights' products (forward and `dy W`) through the JIT
+    /// `kernels` (a bundle's, as its executor runs them); `None`: the reference kernels.
+    pub fn with_kernels(mut self, kernels: Option<std::sync::Arc<crate::jit::KernelSet>>) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
     pub fn new(graph: &'g Graph, cfg: TuneConfig, params: Params, tokens: Vec<u32>) -> Result<Self> {
         let layers = graph.config.num_layers;
         let phases = plan(&cfg, layers)?;
@@ -257,6 +265,7 @@ impl<'g> Tuner<'g> {
             order,
             opt,
             step: 0,
+            kernels: None,
             cache: HashMap::new(),
             cache_phase: None,
             current: None,
@@ -305,7 +314,7 @@ impl<'g> Tuner<'g> {
         let scored = micro * (self.cfg.seq - 1);
         let weight = 1.0 / scored as f32;
         let mut grads = Grads::zeros(&self.params, &tg.updates);
-        let runner = TrainRunner::new(self.graph, &self.params);
+        let runner = TrainRunner::new(self.graph, &self.params).with_kernels(self.kernels.as_deref());
         let mut loss = 0.0;
         let mut cached_any = false;
         for &s in &picks {
