@@ -103,6 +103,10 @@ pub struct TuneArgs {
     /// backward (less memory, one more forward of the window).
     #[arg(long)]
     recompute: bool,
+    /// Kernels for the frozen compressed weights (`--policy`): `jit` (generated CLIF
+    /// compiled for this machine, forward and backward products) or `reference` (plain Rust).
+    #[arg(long, value_enum, default_value = "reference")]
+    kernels: edgec::codegen::KernelMode,
     /// Run the frozen prefix on every step instead of caching its output per sample.
     #[arg(long)]
     no_prefix_cache: bool,
@@ -209,7 +213,11 @@ pub fn run(a: TuneArgs) -> anyhow::Result<()> {
     };
     let (rss_loaded, _) = rss_bytes();
     crate::reset_heap_peak();
-    let mut tuner = Tuner::new(&graph, cfg, params, tokens)?;
+    let kernels = match a.kernels {
+        edgec::codegen::KernelMode::Reference => None,
+        edgec::codegen::KernelMode::Jit => Some(std::sync::Arc::new(edgec::codegen::kernel_set(&graph)?)),
+    };
+    let mut tuner = Tuner::new(&graph, cfg, params, tokens)?.with_kernels(kernels);
     let ckdir = a.output.join("checkpoints");
     if a.resume {
         match tuner.resume(&ckdir)? {

@@ -212,23 +212,30 @@ fn sources_for(
         .collect()
 }
 
+/// The JIT kernels of every compressed linear of `graph`, compiled for this machine (weights
+/// without a generated kernel are logged and run the reference kernels).
+pub fn kernel_set(graph: &Graph) -> edge_runtime::Result<KernelSet> {
+    let t = std::time::Instant::now();
+    let (sources, skipped) = kernel_sources(graph);
+    for (w, why) in &skipped {
+        tracing::info!("{w}: reference kernel ({why})");
+    }
+    let set = KernelSet::compile(&sources)?;
+    tracing::info!(
+        "JIT: {} weights, {} functions compiled in {:.0} ms",
+        set.len(),
+        set.functions(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(set)
+}
+
 /// An executor for `graph` whose compressed linears run `mode`'s kernels.
 pub fn executor(graph: Arc<Graph>, mode: KernelMode) -> edge_runtime::Result<Executor> {
     match mode {
         KernelMode::Reference => Executor::new(graph),
         KernelMode::Jit => {
-            let t = std::time::Instant::now();
-            let (sources, skipped) = kernel_sources(&graph);
-            for (w, why) in &skipped {
-                tracing::info!("{w}: reference kernel ({why})");
-            }
-            let set = KernelSet::compile(&sources)?;
-            tracing::info!(
-                "JIT: {} weights, {} functions compiled in {:.0} ms",
-                set.len(),
-                set.functions(),
-                t.elapsed().as_secs_f64() * 1e3
-            );
+            let set = kernel_set(&graph)?;
             Executor::with_kernels(graph, Arc::new(set))
         }
     }
