@@ -133,8 +133,8 @@ fn run_trial(
     Ok((loss, accepted))
 }
 
-/// The trade that moves layer `up` of `current` one step up the grid: the policy, or `None`
-/// when there is no step up, or no single other layer can pay for it within the budget.
+/// The trade that moves layer `up` of `current` one step up the grid: the traded policy and
+/// its origin (an [`Origin::Trade`]), or `None` when there is no step up, or no single other layer can pay for it within the budget.
 /// The payer is the layer (not `up`, not in `exclude`) and candidate (same group and scheme
 /// as its current one) whose layer-output NMSE in the profile grows least — the measure that
 /// orders the moves, so a layer is protected and charged by the same yardstick.
@@ -144,15 +144,16 @@ pub fn trade(
     current: &[usize],
     up: usize,
     exclude: &[usize],
-) -> Option<Origin> {
+) -> Option<(Vec<usize>, Origin)> {
     let cu = step_up(problem, current[up])?;
     let mut moved = current.to_vec();
     moved[up] = cu;
     if budget.admits(&problem.evaluate(&moved).1) {
-        return Some(Origin::Trade {
+        let origin = Origin::Trade {
             up: (up, cu),
             down: None,
-        });
+        };
+        return Some((moved, origin));
     }
     let cands = &problem.profile.candidates;
     let mut best: Option<(f64, usize, usize)> = None;
@@ -175,10 +176,12 @@ pub fn trade(
         }
     }
     let (_, d, c) = best?;
-    Some(Origin::Trade {
+    moved[d] = c;
+    let origin = Origin::Trade {
         up: (up, cu),
         down: Some((d, c)),
-    })
+    };
+    Some((moved, origin))
 }
 
 /// Refines the best of `starts` (named solutions for `budget`, the knapsack optimum first
@@ -241,16 +244,9 @@ pub fn refine(
             };
             (sol, Origin::Pins(tried))
         } else {
-            let Some(origin) = trade(problem, budget, &best.choice, l, &tabu) else {
+            let Some((choice, origin)) = trade(problem, budget, &best.choice, l, &tabu) else {
                 continue;
             };
-            let Origin::Trade { up, down } = origin else {
-                unreachable!("trade returns trades")
-            };
-            let mut choice = best.choice.clone();
-            for (layer, c) in std::iter::once(up).chain(down) {
-                choice[layer] = c;
-            }
             (search::solution(problem, Method::Optimal, choice), origin)
         };
         if log.iter().any(|t| t.choice == sol.choice) {
