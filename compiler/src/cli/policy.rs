@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::anyhow;
 use clap::{Args, ValueEnum};
 use edgec::luc::budget::Budget;
-use edgec::luc::compress::compress_graph;
+use edgec::luc::measure::PolicyMeter;
 use edgec::luc::policy::{LayerPolicy, Policy};
 use edgec::luc::search::{self, Method, Objective, Options, Problem, Solution};
 use edgec::luc::sensitivity::Sensitivity;
@@ -118,6 +118,13 @@ pub struct PolicyArgs {
     /// Refinement: measurement samples (of --seq tokens, spread over --refine-text).
     #[arg(long, default_value_t = 16)]
     refine_samples: usize,
+    /// Refinement: keep the calibration and held-out hidden states of the best policy so
+    /// far at every N-th layer boundary, so that a policy departing from it at layer l is
+    /// compressed and measured from the checkpoint at or below l only (same result). Each
+    /// boundary holds (--samples + --refine-samples) x --seq x hidden f32 values, twice at
+    /// most; a larger N saves memory and reuses less.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    refine_checkpoint_every: usize,
     /// Refinement: --calib and --refine-text hold token ids (whitespace-separated integers,
     /// as `edgec profile --calib-tokens` reads) instead of text.
     #[arg(long)]
@@ -231,18 +238,20 @@ fn refine_by_measurement(
         (a.refine as u64 + 3) * layers,
         "refining: compressing and measuring",
     );
+    let mut meter = PolicyMeter::new(&model.graph, calib_samples, eval_samples, a.seq)?
+        .with_checkpoint_every(a.refine_checkpoint_every);
     let mut done = 0u64;
     let measure = |choice: &[usize]| -> anyhow::Result<f64> {
         let policy = choice_policy(profile, &a.budget, "optimal", choice, vec![]);
-        let (graph, _) = compress_graph(&model.graph, &policy, Some(&calib_samples), |i, _| {
-            pb.set_position(done + i as u64)
-        })?;
+        let m = meter.measure(&policy, |i| pb.set_position(done + i as u64 + 1))?;
         done += layers;
-        let graph = std::sync::Arc::new(graph);
-        let exec = edge_runtime::Executor::new(graph.clone())?;
-        let ids = calib::LayerIds::new(&graph, 0)?;
-        let inputs = calib::embed(&graph, &eval_samples)?;
-        calib::loss_from(&exec, &ids, &inputs, &eval_samples, a.seq)
+        if m.resumed_at > 0 {
+            tracing::info!(
+                "refine: layers below {} reused from the best policy so far",
+                m.resumed_at
+            );
+        }
+        Ok(m.loss)
     };
     // The knapsack optimum first, then the heuristics' policies for the same budget.
     let mut starts = vec![(Method::Optimal.name().to_string(), start)];

@@ -254,6 +254,34 @@ impl<'g> LayerCompressor<'g> {
         self.next
     }
 
+    /// The calibration hidden states entering layer [`next_index`](Self::next_index)
+    /// (empty when no layer needs statistics).
+    pub fn inputs(&self) -> &[Vec<f32>] {
+        &self.inputs
+    }
+
+    /// Skips to layer `layer`, whose calibration inputs are `inputs`: what a compressor
+    /// for a policy that agrees with this one on every layer below `layer` held there
+    /// ([`inputs`](Self::inputs)). The layers compressed from then on are the same bytes as
+    /// a compressor that ran from layer 0.
+    pub fn resume_at(mut self, layer: usize, inputs: Vec<Vec<f32>>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            layer < self.graph.config.num_layers,
+            "cannot resume at layer {layer}: the model has {} layers",
+            self.graph.config.num_layers
+        );
+        if self.needs_stats {
+            anyhow::ensure!(
+                inputs.len() == self.inputs.len()
+                    && inputs.iter().zip(&self.inputs).all(|(a, b)| a.len() == b.len()),
+                "resuming at layer {layer}: the calibration inputs have the wrong shape"
+            );
+            self.inputs = inputs;
+        }
+        self.next = layer;
+        Ok(self)
+    }
+
     /// Compresses the next decoder layer (an error past the last).
     pub fn next_layer(&mut self) -> anyhow::Result<CompressedLayer> {
         let (g, i) = (self.graph, self.next);

@@ -12,6 +12,7 @@ pub mod calib;
 pub mod candidate;
 pub mod compress;
 pub mod heatmap;
+pub mod measure;
 pub mod policy;
 pub mod profile;
 pub mod prune;
