@@ -5,9 +5,10 @@
 #
 #   SAMPLES=32 SEQ=512 CHUNKS=   scripts/luc-table.sh        # CHUNKS empty = the whole file
 #
-# REFINE=N (default 6) refines `optimal` by measurement (`edgec policy --refine N`): N+1 whole
-# compressions (GPTQ + SparseGPT on 8 x 512 tokens of train.txt), loss on 16 x 512 tokens of
-# valid.txt (never test.txt). REFINE=0 gives the knapsack alone.
+# REFINE=N (default 6) refines `optimal` by measurement (`edgec policy --refine N`): three
+# starts and N moves, each a whole compression (GPTQ + SparseGPT on RSAMPLES x 512 tokens of
+# train.txt, default $CSAMPLES: the final compression's) measured on RTEXT_SAMPLES x 512
+# tokens of valid.txt (default 64; never test.txt). REFINE=0 gives the knapsack alone.
 #
 # The profile measures every layer's end-to-end loss delta for three candidates
 # (E2E_CANDIDATES, on E2E_SAMPLES samples), which OBJECTIVE=loss-fit or loss-measured turns
@@ -24,6 +25,8 @@ CHUNKS=${CHUNKS:-}
 METHODS=${METHODS:-uniform edge-llm optimal}
 OBJECTIVE=${OBJECTIVE:-linear-nmse}
 REFINE=${REFINE:-6}
+RSAMPLES=${RSAMPLES:-$CSAMPLES}
+RTEXT_SAMPLES=${RTEXT_SAMPLES:-64}
 E2E_CANDIDATES=${E2E_CANDIDATES:-3b-g32-asym,3b-g32-asym-s0.50,4b-g32-asym-s0.30}
 E2E_SAMPLES=${E2E_SAMPLES:-4}
 BUDGETS=${BUDGETS:-bits=3.5 bits=4,sparsity=0.3 bits=3,sparsity=0.5}
@@ -44,6 +47,7 @@ for B in $BUDGETS; do
     refine=()
     if [ "$METHOD" = optimal ] && [ "$REFINE" -gt 0 ]; then
       refine=(--refine "$REFINE" --refine-text data/austen/valid.txt --model "$M" --calib data/austen/train.txt
+              --samples "$RSAMPLES" --seq "$CSEQ" --refine-samples "$RTEXT_SAMPLES"
               --trials-out "$OUT/$tag.trials.jsonl")
     fi
     if ! $E policy --profile "$OUT/sensitivity.json" --budget "$B" --method "$METHOD" --objective "$OBJECTIVE" \
