@@ -10,8 +10,8 @@
 //! states. [`PolicyMeter`] keeps those hidden states of the best policy measured so far at
 //! every `checkpoint_every`-th layer boundary and starts a measurement from the highest
 //! checkpoint at or below the first layer that differs. The result is bit-identical to a
-//! measurement from layer 0 (tested), and the search costs about half as much when its
-//! moves touch the upper half of the model.
+//! measurement from layer 0 (tested); a move that departs at layer `l` of `n` costs about
+//! `(n - l) / n` of a whole measurement.
 
 use std::sync::Arc;
 
