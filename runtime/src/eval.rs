@@ -28,6 +28,9 @@ pub struct Perplexity {
     pub tokens_evaluated: usize,
     /// Chunks (llama.cpp protocol) or sequences (token-file protocol) evaluated.
     pub chunks: usize,
+    /// Mean negative log-likelihood of each chunk (or sequence), in order: two models
+    /// scored on the same text can be compared chunk by chunk (a paired test).
+    pub chunk_losses: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -36,6 +39,9 @@ struct Sums {
     sum_sq: f64,
     count: usize,
     evaluated: usize,
+    chunk_losses: Vec<f64>,
+    /// `(sum, count)` when the current chunk began.
+    chunk_start: (f64, usize),
 }
 
 impl Sums {
@@ -44,6 +50,16 @@ impl Sums {
         self.sum += v;
         self.sum_sq += v * v;
         self.count += 1;
+    }
+
+    /// Closes the current chunk (or sequence): records its mean loss.
+    fn end_chunk(&mut self) {
+        let (s0, c0) = self.chunk_start;
+        let n = self.count - c0;
+        if n > 0 {
+            self.chunk_losses.push((self.sum - s0) / n as f64);
+        }
+        self.chunk_start = (self.sum, self.count);
     }
 
     fn result(&self, chunks: usize) -> Perplexity {
@@ -63,6 +79,7 @@ impl Sums {
             tokens_scored: self.count,
             tokens_evaluated: self.evaluated,
             chunks,
+            chunk_losses: self.chunk_losses.clone(),
         }
     }
 }
@@ -117,6 +134,7 @@ pub fn chunked_perplexity(
             sums.add(row, chunk[half + i + 1]);
         }
         sums.evaluated += ctx;
+        sums.end_chunk();
         progress(c + 1, n_chunks);
     }
     Ok(sums.result(n_chunks))
@@ -141,6 +159,7 @@ pub fn sequence_loss(
                 sums.add(row, seq[t + 1]);
             }
             sums.evaluated += seq.len();
+            sums.end_chunk();
         }
         progress(i + 1, sequences.len());
     }
@@ -207,5 +226,33 @@ mod tests {
         let e = parse_token_file("11\n", 10).unwrap_err().to_string();
         assert!(e.contains("11") && e.contains("vocabulary"), "{e}");
         assert!(parse_token_file("\n\n", 10).is_err());
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+
+    #[test]
+    fn chunk_losses_are_each_chunks_mean_and_average_to_the_loss() {
+        let mut s = Sums::default();
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        for t in [0u32, 1] {
+            s.add(&logits, t);
+        }
+        s.end_chunk();
+        for t in [2u32, 3] {
+            s.add(&logits, t);
+        }
+        s.end_chunk();
+        s.end_chunk(); // an empty chunk records nothing
+        let r = s.result(2);
+        assert_eq!(r.chunk_losses.len(), 2);
+        let first = (nll(&logits, 0) + nll(&logits, 1)) / 2.0;
+        let second = (nll(&logits, 2) + nll(&logits, 3)) / 2.0;
+        assert!((r.chunk_losses[0] - first).abs() < 1e-12);
+        assert!((r.chunk_losses[1] - second).abs() < 1e-12);
+        assert!(((first + second) / 2.0 - r.loss).abs() < 1e-12);
+        assert!(first > second, "lower logits give higher losses");
     }
 }
