@@ -62,7 +62,7 @@ impl Sums {
         self.chunk_start = (self.sum, self.count);
     }
 
-    fn result(&self, chunks: usize) -> Perplexity {
+    fn result(self, chunks: usize) -> Perplexity {
         let n = self.count.max(1) as f64;
         let mean = self.sum / n;
         let var = (self.sum_sq / n - mean * mean).max(0.0);
@@ -79,7 +79,7 @@ impl Sums {
             tokens_scored: self.count,
             tokens_evaluated: self.evaluated,
             chunks,
-            chunk_losses: self.chunk_losses.clone(),
+            chunk_losses: self.chunk_losses,
         }
     }
 }
@@ -227,11 +227,6 @@ mod tests {
         assert!(e.contains("11") && e.contains("vocabulary"), "{e}");
         assert!(parse_token_file("\n\n", 10).is_err());
     }
-}
-
-#[cfg(test)]
-mod chunk_tests {
-    use super::*;
 
     #[test]
     fn chunk_losses_are_each_chunks_mean_and_average_to_the_loss() {

@@ -308,12 +308,7 @@ impl<'g> LayerCompressor<'g> {
         drop(prepared);
         if self.needs_stats && i + 1 < g.config.num_layers {
             // The next layer's inputs: the samples through this layer, compressed.
-            let mut lg = g.clone();
-            for (id, p) in ids.weights.iter().zip(&weights) {
-                let name = lg.weights[id.0].name.clone();
-                lg.weights[id.0] = Weight::new_packed(name, p.clone());
-            }
-            let exec = Executor::new(Arc::new(lg))?;
+            let exec = layer_executor(g, &ids, &weights)?;
             self.inputs = calib::run_layer(&exec, &ids, &self.inputs, self.seq)?;
         }
         // The layer's source pages (mapped models): read again only if asked again.
@@ -331,6 +326,18 @@ impl<'g> LayerCompressor<'g> {
         };
         Ok(CompressedLayer { ids, weights, report })
     }
+}
+
+/// An executor of `g` with the linears of layer `ids.layer` replaced by `weights` (in
+/// [`LayerIds::weights`] order): runs that layer compressed, for
+/// [`calib::run_layer`] or [`calib::loss_from`] from it.
+pub fn layer_executor(g: &Graph, ids: &LayerIds, weights: &[PackedWeight]) -> anyhow::Result<Executor> {
+    let mut lg = g.clone();
+    for (id, p) in ids.weights.iter().zip(weights) {
+        let name = lg.weights[id.0].name.clone();
+        lg.weights[id.0] = Weight::new_packed(name, p.clone());
+    }
+    Ok(Executor::new(Arc::new(lg))?)
 }
 
 /// Each policy layer's method (`calibrated`: calibration samples are given, so layers

@@ -15,12 +15,11 @@
 
 use std::sync::Arc;
 
-use edge_runtime::Executor;
-use edge_runtime::ir::{Graph, Weight};
+use edge_runtime::ir::Graph;
 
-use super::calib::{self, LayerIds};
+use super::calib;
 use super::candidate::Candidate;
-use super::compress::{LayerCompressor, policy_methods};
+use super::compress::{LayerCompressor, layer_executor, policy_methods};
 use super::policy::Policy;
 use super::prune::Method;
 
@@ -139,7 +138,9 @@ impl<'g> PolicyMeter<'g> {
         if start > 0 {
             lc = lc.resume_at(start, from.calib.as_ref().clone())?;
         }
-        // Below and at `start` the checkpoints are the best policy's (the same layers).
+        // Below and at `start` the checkpoints are the best policy's (the same layers). At
+        // layer 0 only the held-out embeddings are kept: a measurement from layer 0 starts a
+        // new compressor, which embeds the calibration samples itself.
         let mut checkpoints: Vec<Option<Checkpoint>> = vec![None; n];
         match &self.best {
             Some(best) if start > 0 => {
@@ -148,33 +149,27 @@ impl<'g> PolicyMeter<'g> {
             }
             _ => {
                 checkpoints[0] = Some(Checkpoint {
-                    calib: Arc::new(lc.inputs().to_vec()),
+                    calib: Arc::new(vec![]),
                     held_out: from.held_out.clone(),
                 })
             }
         }
-        let mut held_out = from.held_out.as_ref().clone();
+        // The held-out samples' hidden states entering the layer being compressed.
+        let mut hidden = from.held_out.as_ref().clone();
         let mut loss = f64::NAN;
         for i in start..n {
             let layer = lc.next_layer()?;
-            // The held-out samples through this layer, compressed.
-            let mut lg = g.clone();
-            for (id, p) in layer.ids.weights.iter().zip(layer.weights) {
-                let name = lg.weights[id.0].name.clone();
-                lg.weights[id.0] = Weight::new_packed(name, p);
-            }
-            let exec = Executor::new(Arc::new(lg))?;
-            let ids = LayerIds::new(g, i)?;
+            let exec = layer_executor(g, &layer.ids, &layer.weights)?;
             if i + 1 < n {
-                held_out = calib::run_layer(&exec, &ids, &held_out, self.seq)?;
+                hidden = calib::run_layer(&exec, &layer.ids, &hidden, self.seq)?;
                 if (i + 1) % self.checkpoint_every == 0 {
                     checkpoints[i + 1] = Some(Checkpoint {
                         calib: Arc::new(lc.inputs().to_vec()),
-                        held_out: Arc::new(held_out.clone()),
+                        held_out: Arc::new(hidden.clone()),
                     });
                 }
             } else {
-                loss = calib::loss_from(&exec, &ids, &held_out, &self.held_out, self.seq)?;
+                loss = calib::loss_from(&exec, &layer.ids, &hidden, &self.held_out, self.seq)?;
             }
             progress(i);
         }

@@ -134,7 +134,8 @@ fn run_trial(
 }
 
 /// The trade that moves layer `up` of `current` one step up the grid: the traded policy and
-/// its origin (an [`Origin::Trade`]), or `None` when there is no step up, or no single other layer can pay for it within the budget.
+/// its origin (an [`Origin::Trade`]), or `None` when there is no step up, or no single other
+/// layer can pay for it within the budget.
 /// The payer is the layer (not `up`, not in `exclude`) and candidate (same group and scheme
 /// as its current one) whose layer-output NMSE in the profile grows least — the measure that
 /// orders the moves, so a layer is protected and charged by the same yardstick.
