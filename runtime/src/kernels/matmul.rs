@@ -147,6 +147,8 @@ pub fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, beta: f32, accumulate:
         return;
     }
     let work = dst.rows * dst.cols * a.cols;
+    // Multithreaded unless called from a pool thread, i.e. from inside a parallel loop
+    // (callers run on the global pool's caller thread, never inside `install`).
     let par = if work >= 1 << 18 && rayon::current_thread_index().is_none() {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
