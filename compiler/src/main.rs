@@ -24,6 +24,7 @@ pub fn heap_peak() -> usize {
 }
 
 fn main() -> ExitCode {
+    edge_runtime::memory::retain_freed_memory();
     // A closed stdout (e.g. `edgec inspect M | head`) ends the program quietly, as a
     // SIGPIPE would, instead of reporting a panic.
     let default_hook = std::panic::take_hook();

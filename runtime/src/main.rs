@@ -38,6 +38,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    edge_runtime::memory::retain_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
