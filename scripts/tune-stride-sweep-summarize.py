@@ -28,7 +28,7 @@ qfull = f"{out}/full.jsonl"
 fv = summary(qfull)["valid_perplexity"]["last"] if os.path.exists(qfull) else None
 
 
-def ratio(x, of=None):
+def ratio(x):
     return None if x is None or full_s is None else full_s / x
 
 

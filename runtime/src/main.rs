@@ -53,13 +53,11 @@ fn main() -> ExitCode {
         _ => None,
     };
     let run_bundle = |f: &(dyn Fn() -> anyhow::Result<()> + Sync)| -> ExitCode {
-        // The global pool (not `install`, whose closure runs on a pool thread, where
-        // `matmul` would not multithread).
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.map_or(0, usize::from))
-            .build_global()
+            .build()
             .map_err(anyhow::Error::from);
-        match pool.and_then(|()| f()) {
+        match pool.and_then(|p| p.install(f)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -20,7 +20,8 @@ pub fn rss_bytes() -> (u64, u64) {
 /// returning it to the kernel at once. A tuning step allocates and frees its activations
 /// (hundreds of MB at seq 256 on SmolLM2): with glibc's defaults the large blocks are
 /// `mmap`ed, unmapped when freed and faulted in again, page by page, on the next step
-/// (43,000 page faults a step for `edgec tune --mode full`, about 5% of its time).
+/// (43,000 page faults a step for `edgec tune --mode full`, 5% of its time on a loaded
+/// machine).
 /// Blocks up to 32 MiB (glibc's largest mmap threshold) now come from the heap, and the heap
 /// is not trimmed below 1 GiB of free space. The peak RSS is unchanged: the memory was
 /// resident at the peak anyway. A no-op where the C library is not glibc.

@@ -120,14 +120,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
-    // The global pool, not `ThreadPool::install`: a command running on a pool thread would
-    // look, to the kernels, like work already inside a parallel loop (`matmul` multithreads
-    // only outside one), and every GEMM it issued would run on one core.
-    rayon::ThreadPoolBuilder::new()
+    let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))
-        .build_global()
+        .build()
         .context("creating the thread pool")?;
-    run_command(cli)
+    pool.install(|| run_command(cli))
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {

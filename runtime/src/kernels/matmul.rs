@@ -109,11 +109,22 @@ impl<'a> ViewMut<'a> {
     }
 }
 
-/// `dst = beta * a · b + (if accumulate { dst } else { 0 })`.
+/// `dst = beta * a · b + (if accumulate { dst } else { 0 })`, on the thread pool when the
+/// product is large enough to gain from it.
 ///
 /// Panics when the shapes disagree or a view exceeds its buffer (a programming error of
 /// the caller, never a property of user input).
 pub fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, beta: f32, accumulate: bool) {
+    product(dst, a, b, beta, accumulate, true);
+}
+
+/// [`matmul`] on the calling thread only: for callers that are themselves one task of a
+/// parallel loop (e.g. one attention head), whose siblings already keep the pool busy.
+pub fn matmul_serial(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, beta: f32, accumulate: bool) {
+    product(dst, a, b, beta, accumulate, false);
+}
+
+fn product(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, beta: f32, accumulate: bool, pool: bool) {
     assert_eq!(
         a.cols, b.rows,
         "matmul: inner dimensions {} and {}",
@@ -147,9 +158,7 @@ pub fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, beta: f32, accumulate:
         return;
     }
     let work = dst.rows * dst.cols * a.cols;
-    // Multithreaded unless called from a pool thread, i.e. from inside a parallel loop
-    // (callers run on the global pool's caller thread, never inside `install`).
-    let par = if work >= 1 << 18 && rayon::current_thread_index().is_none() {
+    let par = if pool && work >= 1 << 18 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::ir::WeightData;
 use crate::kernels::linear::{linear, linear_transposed};
-use crate::kernels::matmul::{View, ViewMut, matmul};
+use crate::kernels::matmul::{View, ViewMut, matmul, matmul_serial};
 use crate::ops::attention::{AttnShape, softmax};
 use crate::ops::rope::RopeTable;
 
@@ -210,13 +210,13 @@ pub fn attention_back(
             let vg = View::columns(v, rows, kvw, g * hd, hd);
             let qh = View::columns(q, rows, qw, h * hd, hd);
             let doh = View::columns(dout, rows, qw, h * hd, hd);
-            matmul(ViewMut::new(&mut p, rows, rows), qh, kg.t(), scale, false);
+            matmul_serial(ViewMut::new(&mut p, rows, rows), qh, kg.t(), scale, false);
             for (r, row) in p.chunks_exact_mut(rows).enumerate() {
                 softmax(&mut row[..=r]);
                 row[r + 1..].fill(0.0);
             }
             // dV = P^T dO
-            matmul(
+            matmul_serial(
                 ViewMut::new(&mut dv, rows, hd),
                 View::new(&p, rows, rows).t(),
                 doh,
@@ -224,7 +224,7 @@ pub fn attention_back(
                 false,
             );
             // dP = dO V^T ; dS = P ∘ (dP - rowsum(dP ∘ P))
-            matmul(ViewMut::new(&mut dp, rows, rows), doh, vg.t(), 1.0, false);
+            matmul_serial(ViewMut::new(&mut dp, rows, rows), doh, vg.t(), 1.0, false);
             for (r, (pr, dr)) in p.chunks_exact(rows).zip(dp.chunks_exact_mut(rows)).enumerate() {
                 let s: f32 = pr[..=r].iter().zip(&dr[..=r]).map(|(a, b)| a * b).sum();
                 for c in 0..=r {
@@ -234,8 +234,8 @@ pub fn attention_back(
             }
             // dQ = scale dS K ; dK = scale dS^T Q
             let dsv = View::new(&dp, rows, rows);
-            matmul(ViewMut::new(&mut dq, rows, hd), dsv, kg, scale, false);
-            matmul(ViewMut::new(&mut dk, rows, hd), dsv.t(), qh, scale, false);
+            matmul_serial(ViewMut::new(&mut dq, rows, hd), dsv, kg, scale, false);
+            matmul_serial(ViewMut::new(&mut dk, rows, hd), dsv.t(), qh, scale, false);
             (dq, dk, dv)
         })
         .collect();
