@@ -281,18 +281,187 @@ impl Head<'_> {
     }
 }
 
-/// Rows of logits computed at once by [`head_loss`]; bounds the memory of the loss to
-/// `HEAD_CHUNK x vocab` whatever the sequence length.
+/// Rows of logits computed at once by the chunked form of [`head_loss`] (a trained or
+/// packed head); bounds its memory to `HEAD_CHUNK x vocab` whatever the sequence length.
 pub const HEAD_CHUNK: usize = 64;
+
+/// Rows the streamed form of [`head_loss`] (a frozen dense head) takes at once: all of a
+/// step's rows at seq 256, batch 1, so the head's weight is read once a step.
+pub const HEAD_ROWS: usize = 256;
+
+/// Vocabulary entries whose logits the streamed form holds at once: a 1024-row slice of
+/// a 576-wide head (2.4 MB) stays in cache between its two products (512 to 8192 measure
+/// alike on SmolLM2's head; the smallest scratch among the fastest).
+pub const HEAD_VOCAB_BLOCK: usize = 1024;
+
+/// The weight of a head that [`head_loss`] streams over the vocabulary: a frozen head
+/// stored as dense f32.
+fn streamed_head<'a>(head: &Head<'a>, trains: bool) -> Option<&'a [f32]> {
+    match head {
+        Head::Weight(w) if !trains => w.dense().and_then(|t| t.f32s()),
+        _ => None,
+    }
+}
+
+/// The scratch [`head_loss`] needs for `rows` rows, in f32 elements.
+pub fn head_scratch_len(rows: usize, head: &Head<'_>, trains: bool) -> usize {
+    let (vocab, d) = head.shape();
+    if streamed_head(head, trains).is_some() {
+        let n = HEAD_ROWS.min(rows);
+        n * HEAD_VOCAB_BLOCK.min(vocab) + 2 * n * d
+    } else {
+        HEAD_CHUNK.min(rows) * vocab
+    }
+}
 
 /// The loss at an exit and its gradient, fused: `logits = x W^T` (W the head,
 /// `[vocab, d]`), shifted next-token cross-entropy of row `t` against `targets[t]`
 /// (`None`: not scored), each term weighted by `weight` (e.g. 1 / number of scored
 /// tokens in the batch). Returns `(sum of weighted terms, unweighted sum, scored count)`
 /// and writes `dx = d loss / d x` (every element); `dw_acc` receives `d loss / d W` when
-/// the head trains. `logits` is scratch (grown to `HEAD_CHUNK x vocab`).
+/// the head trains. `scratch` is grown to
+/// [`head_scratch_len`].
+///
+/// A frozen dense head takes the streamed form: the softmax is accumulated online over
+/// blocks of [`HEAD_VOCAB_BLOCK`] words (running maximum and sum per row, as in
+/// flash attention), so each slice of the head is read once for both products and the
+/// logits of the whole vocabulary are never held. Other heads take the chunked form:
+/// [`HEAD_CHUNK`] rows of logits over the whole vocabulary at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn head_loss(
+    x: &[f32],
+    head: Head<'_>,
+    targets: &[Option<u32>],
+    weight: f32,
+    dw_acc: Option<&mut [f32]>,
+    dx: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> (f64, f64, usize) {
+    let (vocab, d) = head.shape();
+    let rows = targets.len();
+    assert_eq!(dx.len(), rows * d, "head_loss: dx has the wrong size");
+    match streamed_head(&head, dw_acc.is_some()) {
+        Some(w) => head_loss_streamed(x, w, vocab, targets, weight, dx, scratch),
+        None => head_loss_chunked(x, head, targets, weight, dw_acc, dx, scratch),
+    }
+}
+
+/// Running state of one row of the streamed loss.
+#[derive(Clone, Copy)]
+struct OnlineRow {
+    /// Largest logit so far.
+    max: f32,
+    /// Sum of `exp(z - max)` so far.
+    sum: f64,
+    /// The target's logit, once its block has been seen.
+    target_logit: f32,
+}
+
+/// [`head_loss`] for a frozen dense head `w` (`[vocab, d]`), streamed over vocabulary
+/// blocks. Per block `B`: `z = x W_B^T`; each row's running max `m` and sum `s` are
+/// updated (the old sum and the row's accumulator rescaled by `exp(m_old - m_new)`);
+/// `acc += exp(z - m) W_B`. At the end `dx = weight (acc / s - W[target])` and the loss
+/// term is `m + ln s - z[target]`.
+fn head_loss_streamed(
+    x: &[f32],
+    w: &[f32],
+    vocab: usize,
+    targets: &[Option<u32>],
+    weight: f32,
+    dx: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> (f64, f64, usize) {
+    let d = w.len() / vocab;
+    let scored: Vec<(usize, u32)> = targets
+        .iter()
+        .enumerate()
+        .filter_map(|(r, t)| t.map(|t| (r, t)))
+        .collect();
+    dx.fill(0.0);
+    if scored.is_empty() {
+        return (0.0, 0.0, 0);
+    }
+    let (mut loss, mut raw) = (0.0f64, 0.0f64);
+    let n_max = HEAD_ROWS.min(scored.len());
+    let vb_max = HEAD_VOCAB_BLOCK.min(vocab);
+    scratch.resize(n_max * vb_max + 2 * n_max * d, 0.0);
+    let (logits, rest) = scratch.split_at_mut(n_max * vb_max);
+    let (xs, acc) = rest.split_at_mut(n_max * d);
+    for chunk in scored.chunks(HEAD_ROWS) {
+        let n = chunk.len();
+        let xs = &mut xs[..n * d];
+        let acc = &mut acc[..n * d];
+        for (dst, &(r, _)) in xs.chunks_exact_mut(d).zip(chunk) {
+            dst.copy_from_slice(&x[r * d..(r + 1) * d]);
+        }
+        acc.fill(0.0);
+        let mut state = vec![
+            OnlineRow {
+                max: f32::NEG_INFINITY,
+                sum: 0.0,
+                target_logit: 0.0,
+            };
+            n
+        ];
+        for v0 in (0..vocab).step_by(vb_max) {
+            let vb = vb_max.min(vocab - v0);
+            let lg = &mut logits[..n * vb];
+            let wb = &w[v0 * d..(v0 + vb) * d];
+            matmul(
+                ViewMut::new(lg, n, vb),
+                View::new(xs, n, d),
+                View::new(wb, vb, d).t(),
+                1.0,
+                false,
+            );
+            lg.par_chunks_exact_mut(vb)
+                .zip(acc.par_chunks_exact_mut(d))
+                .zip(state.par_iter_mut())
+                .zip(chunk.par_iter())
+                .for_each(|(((row, acc_row), st), &(_, t))| {
+                    let t = t as usize;
+                    if (v0..v0 + vb).contains(&t) {
+                        st.target_logit = row[t - v0];
+                    }
+                    let block_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let m = st.max.max(block_max);
+                    if m > st.max && st.sum > 0.0 {
+                        let scale = (st.max - m).exp();
+                        st.sum *= scale as f64;
+                        acc_row.iter_mut().for_each(|a| *a *= scale);
+                    }
+                    st.max = m;
+                    let mut sum = 0.0f32;
+                    for z in row.iter_mut() {
+                        *z = (*z - m).exp();
+                        sum += *z;
+                    }
+                    st.sum += sum as f64;
+                });
+            matmul(
+                ViewMut::new(acc, n, d),
+                View::new(lg, n, vb),
+                View::new(wb, vb, d),
+                1.0,
+                true,
+            );
+        }
+        for ((&(r, t), st), acc_row) in chunk.iter().zip(&state).zip(acc.chunks_exact(d)) {
+            let term = st.max as f64 + st.sum.ln() - st.target_logit as f64;
+            raw += term;
+            loss += term * weight as f64;
+            let s = (weight as f64 / st.sum) as f32;
+            let wt = &w[t as usize * d..(t as usize + 1) * d];
+            for ((o, &a), &wv) in dx[r * d..(r + 1) * d].iter_mut().zip(acc_row).zip(wt) {
+                *o = a * s - weight * wv;
+            }
+        }
+    }
+    (loss, raw, scored.len())
+}
+
+/// [`head_loss`] over [`HEAD_CHUNK`] rows of logits over the whole vocabulary at a time.
+fn head_loss_chunked(
     x: &[f32],
     head: Head<'_>,
     targets: &[Option<u32>],
@@ -302,6 +471,7 @@ pub fn head_loss(
     logits: &mut Vec<f32>,
 ) -> (f64, f64, usize) {
     let (vocab, d) = head.shape();
+
     let rows = targets.len();
     assert_eq!(dx.len(), rows * d, "head_loss: dx has the wrong size");
     let (mut loss, mut raw, mut count) = (0.0f64, 0.0f64, 0usize);
@@ -456,6 +626,88 @@ mod tests {
             "{num_v} vs {}",
             dotf(&dv, &dir_k)
         );
+    }
+
+    /// Loss and `dx` of the exit head in f64, straight from the definition.
+    fn head_loss_reference(
+        x: &[f32],
+        w: &[f32],
+        vocab: usize,
+        targets: &[Option<u32>],
+        weight: f64,
+    ) -> (f64, Vec<f64>) {
+        let d = w.len() / vocab;
+        let mut loss = 0.0;
+        let mut dx = vec![0.0; x.len()];
+        for (r, t) in targets.iter().enumerate() {
+            let Some(t) = t else { continue };
+            let xr = &x[r * d..(r + 1) * d];
+            let z: Vec<f64> = w.chunks_exact(d).map(|wv| dotf(xr, wv)).collect();
+            let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
+            loss += weight * (m + s.ln() - z[*t as usize]);
+            for (v, wv) in w.chunks_exact(d).enumerate() {
+                let p = (z[v] - m).exp() / s - if v == *t as usize { 1.0 } else { 0.0 };
+                for (o, &wk) in dx[r * d..(r + 1) * d].iter_mut().zip(wv) {
+                    *o += weight * p * wk as f64;
+                }
+            }
+        }
+        (loss, dx)
+    }
+
+    #[test]
+    fn exit_head_loss_streamed_and_chunked_match_the_definition() {
+        // Rows over two row chunks, a vocabulary over three blocks (the last partial),
+        // unscored rows, targets in every block; the head's rows grow with the word
+        // index so that each block raises the running maximum (the rescaling path).
+        let (d, rows) = (16, HEAD_ROWS + 5);
+        let vocab = 2 * HEAD_VOCAB_BLOCK + 37;
+        let w: Vec<f32> = rnd(vocab * d, 21)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (0.5 + 2.0 * (i / d) as f32 / vocab as f32))
+            .collect();
+        let x = rnd(rows * d, 22);
+        let targets: Vec<Option<u32>> = (0..rows)
+            .map(|r| (r % 7 != 3).then_some(((r * 389) % vocab) as u32))
+            .collect();
+        let weight = 1.0 / rows as f32;
+        let (ref_loss, ref_dx) = head_loss_reference(&x, &w, vocab, &targets, weight as f64);
+        let dense = WeightData::Dense(crate::tensor::Tensor::from_f32(vec![vocab, d], w.clone()).unwrap());
+        let max_ref = ref_dx.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        for head in [Head::Weight(&dense), Head::Trained { data: &w, vocab }] {
+            let mut dx = vec![f32::NAN; rows * d];
+            let mut scratch = Vec::new();
+            let (loss, raw, count) = head_loss(&x, head, &targets, weight, None, &mut dx, &mut scratch);
+            assert_eq!(count, targets.iter().flatten().count());
+            assert!((loss - ref_loss).abs() < 1e-5 * ref_loss, "{loss} vs {ref_loss}");
+            assert!((raw * weight as f64 - ref_loss).abs() < 1e-5 * ref_loss);
+            let err = dx
+                .iter()
+                .zip(&ref_dx)
+                .fold(0.0f64, |a, (v, r)| a.max((*v as f64 - r).abs()));
+            assert!(err < 1e-5 * max_ref, "dx error {err} against max {max_ref}");
+            for (r, t) in targets.iter().enumerate() {
+                if t.is_none() {
+                    assert!(dx[r * d..(r + 1) * d].iter().all(|v| *v == 0.0));
+                }
+            }
+        }
+        // Nothing scored: no loss, a zero gradient.
+        let none = vec![None; rows];
+        let mut dx = vec![f32::NAN; rows * d];
+        let got = head_loss(
+            &x,
+            Head::Weight(&dense),
+            &none,
+            weight,
+            None,
+            &mut dx,
+            &mut Vec::new(),
+        );
+        assert_eq!(got, (0.0, 0.0, 0));
+        assert!(dx.iter().all(|v| *v == 0.0));
     }
 
     #[test]

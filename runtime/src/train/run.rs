@@ -419,7 +419,7 @@ impl<'a> TrainRunner<'a> {
                     };
                     let x = get(0)?;
                     let mut dx = pool.any(x.len());
-                    let mut logits = pool.any(grad::HEAD_CHUNK.min(rows) * hw.shape().0);
+                    let mut logits = pool.any(grad::head_scratch_len(rows, &hw, dw.is_some()));
                     let (loss, raw, count) =
                         grad::head_loss(x, hw, ctx.targets, ctx.weight, dw, &mut dx, &mut logits);
                     pool.give(logits);
