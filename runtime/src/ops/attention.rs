@@ -177,12 +177,7 @@ pub fn attention_threads(
 /// In-place numerically stable softmax.
 pub fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / crate::kernels::exp::exp_shifted(x, m);
     for v in x.iter_mut() {
         *v *= inv;
     }

@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use crate::ir::WeightData;
+use crate::kernels::exp::exp_shifted;
 use crate::kernels::linear::{linear, linear_transposed};
 use crate::kernels::matmul::{View, ViewMut, matmul, matmul_serial};
 use crate::ops::attention::{AttnShape, softmax};
@@ -431,12 +432,7 @@ fn head_loss_streamed(
                         acc_row.iter_mut().for_each(|a| *a *= scale);
                     }
                     st.max = m;
-                    let mut sum = 0.0f32;
-                    for z in row.iter_mut() {
-                        *z = (*z - m).exp();
-                        sum += *z;
-                    }
-                    st.sum += sum as f64;
+                    st.sum += exp_shifted(row, m) as f64;
                 });
             matmul(
                 ViewMut::new(acc, n, d),
