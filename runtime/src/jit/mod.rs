@@ -581,18 +581,29 @@ impl WeightKernels {
         let g = self.quant.expect("quantized").group as usize;
         let padded = self.spec_cols.div_ceil(g) * g;
         scratch.resize((j1 - j0) * padded, 0.0);
-        // SAFETY: j0 <= j1 <= rows of the weight checked against the spec; the kernel
-        // writes (j1 - j0) * padded f32, exactly the scratch length.
-        unsafe {
-            f(
-                ptrs.codes as *const u8,
-                ptrs.scales as *const u8,
-                ptrs.mins as *const u8,
-                scratch.as_mut_ptr(),
-                j0 as u64,
-                j1 as u64,
-            )
-        };
+        // Bands of rows on the pool's threads: a tile's decode otherwise runs on one
+        // thread while the others wait for its product.
+        let band = (j1 - j0).div_ceil(rayon::current_num_threads()).max(1);
+        scratch
+            .par_chunks_mut(band * padded)
+            .enumerate()
+            .for_each(|(b, out)| {
+                let r0 = j0 + b * band;
+                let r1 = r0 + out.len() / padded;
+                // SAFETY: j0 <= r0 < r1 <= j1 <= rows of the weight checked against the spec;
+                // the kernel writes (r1 - r0) * padded f32, exactly this band of the scratch,
+                // which no other band touches.
+                unsafe {
+                    f(
+                        ptrs.codes as *const u8,
+                        ptrs.scales as *const u8,
+                        ptrs.mins as *const u8,
+                        out.as_mut_ptr(),
+                        r0 as u64,
+                        r1 as u64,
+                    )
+                };
+            });
         padded
     }
 
