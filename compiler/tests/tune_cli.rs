@@ -246,4 +246,16 @@ fn bad_tuning_input_is_refused_with_a_clear_error() {
         assert!(err.contains(want), "{extra:?}: `{err}` does not say `{want}`");
         assert!(!err.contains("panicked"), "{extra:?}: {err}");
     }
+    // A sequence longer than the model's positions (8192 for SmolLM2).
+    let o = edgec()
+        .args(["tune", "-m"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&valid)
+        .args(["--seq", "10000", "--steps", "5", "-o"])
+        .arg(tmp.path().join("long"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("8192 positions"), "{err}");
 }

@@ -238,10 +238,17 @@ impl<'g> Tuner<'g> {
                 "batch and gradient accumulation must be at least 1".into(),
             ));
         }
-        if cfg.seq > graph.config.max_position_embeddings.max(cfg.seq) {
+        let positions = graph.config.max_position_embeddings;
+        if positions > 0 && cfg.seq > positions {
             return Err(RuntimeError::Invalid(format!(
-                "sequence length {} is too long",
+                "sequence length {} is longer than the model's {positions} positions",
                 cfg.seq
+            )));
+        }
+        let vocab = graph.config.vocab_size;
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            return Err(RuntimeError::Invalid(format!(
+                "token {t} at position {i} of the dataset is outside the model's vocabulary of {vocab}"
             )));
         }
         let mut samples = samples(&tokens, cfg.seq)?;
