@@ -583,7 +583,7 @@ impl WeightKernels {
         scratch.resize((j1 - j0) * padded, 0.0);
         // Bands of rows on the pool's threads: a tile's decode otherwise runs on one
         // thread while the others wait for its product.
-        let band = (j1 - j0).div_ceil(rayon::current_num_threads()).max(1);
+        let band = crate::kernels::rows_per_thread(j1 - j0);
         scratch
             .par_chunks_mut(band * padded)
             .enumerate()

@@ -73,24 +73,35 @@ fn dims(w: &WeightData) -> (usize, usize) {
     (s[0], s[1])
 }
 
+/// Weight rows `j0..j1` of an f32 weight, borrowed; `None` for other storage.
+fn rows_borrowed(w: &WeightData, j0: usize, j1: usize, k: usize) -> Option<&[f32]> {
+    match w {
+        WeightData::Dense(t) if t.dtype == DType::F32 => Some(&t.f32s().unwrap()[j0 * k..j1 * k]),
+        _ => None,
+    }
+}
+
+/// Converts (or decodes) weight rows `r0..r0 + out.len() / k` into `out` as f32.
+fn convert_rows(w: &WeightData, r0: usize, k: usize, out: &mut [f32]) {
+    match w {
+        WeightData::Dense(t) => t.read_f32(r0 * k, out),
+        WeightData::Packed(p) => {
+            for (j, o) in (r0..).zip(out.chunks_exact_mut(k)) {
+                p.decode_row_unchecked(j, o);
+            }
+        }
+    }
+}
+
 /// Weight rows `j0..j1` as contiguous f32 `[j1 - j0, k]`: borrowed for f32 weights,
 /// converted or decoded into `scratch` otherwise.
 fn rows_f32<'a>(w: &'a WeightData, j0: usize, j1: usize, k: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
-    match w {
-        WeightData::Dense(t) if t.dtype == DType::F32 => &t.f32s().unwrap()[j0 * k..j1 * k],
-        WeightData::Dense(t) => {
-            scratch.resize((j1 - j0) * k, 0.0);
-            t.read_f32(j0 * k, scratch);
-            scratch
-        }
-        WeightData::Packed(p) => {
-            scratch.resize((j1 - j0) * k, 0.0);
-            for (j, o) in (j0..j1).zip(scratch.chunks_exact_mut(k)) {
-                p.decode_row_unchecked(j, o);
-            }
-            scratch
-        }
+    if let Some(rows) = rows_borrowed(w, j0, j1, k) {
+        return rows;
     }
+    scratch.resize((j1 - j0) * k, 0.0);
+    convert_rows(w, j0, k, scratch);
+    scratch
 }
 
 /// [`rows_f32`] with the conversion cut into bands of rows on the pool (a tile's decode
@@ -102,24 +113,15 @@ fn rows_f32_par<'a>(
     k: usize,
     scratch: &'a mut Vec<f32>,
 ) -> &'a [f32] {
-    if let WeightData::Dense(t) = w
-        && t.dtype == DType::F32
-    {
-        return &t.f32s().unwrap()[j0 * k..j1 * k];
+    if let Some(rows) = rows_borrowed(w, j0, j1, k) {
+        return rows;
     }
-    let band = (j1 - j0).div_ceil(rayon::current_num_threads()).max(1);
+    let band = super::rows_per_thread(j1 - j0);
     scratch.resize((j1 - j0) * k, 0.0);
-    scratch.par_chunks_mut(band * k).enumerate().for_each(|(b, o)| {
-        let r0 = j0 + b * band;
-        match w {
-            WeightData::Dense(t) => t.read_f32(r0 * k, o),
-            WeightData::Packed(p) => {
-                for (j, r) in (r0..).zip(o.chunks_exact_mut(k)) {
-                    p.decode_row_unchecked(j, r);
-                }
-            }
-        }
-    });
+    scratch
+        .par_chunks_mut(band * k)
+        .enumerate()
+        .for_each(|(b, o)| convert_rows(w, j0 + b * band, k, o));
     scratch
 }
 

@@ -10,3 +10,9 @@ pub mod linear;
 pub mod matmul;
 
 pub use linear::{Split, linear, linear_split, linear_transposed};
+
+/// Rows each thread of the pool takes when `rows` rows are cut into one band a thread
+/// (at least 1).
+pub(crate) fn rows_per_thread(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads()).max(1)
+}
